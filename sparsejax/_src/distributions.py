@@ -1,0 +1,220 @@
+"""How a global sparsity is split over the sparsified leaves.
+
+A distribution turns one sparsity (a traced scalar, so schedules and
+`optax.inject_hyperparams` work) into an exact number of kept entries per
+leaf: ``round((1 - sparsity_l) * size_l)``, computed in float32 with ties to
+even. Every distribution takes ``overrides``, a map from path pattern (regex,
+`re.search` on ``"a/b/c"``) to a fixed sparsity for the leaves it matches;
+those leaves leave the pool that the distribution splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax._src import pytree
+from sparsejax._src import schedules
+from sparsejax._src import topk
+
+
+def _check_overrides(overrides: Mapping[str, Any] | None) -> None:
+  if overrides is None:
+    return
+  if not isinstance(overrides, Mapping):
+    raise ValueError(f"overrides must map path patterns to sparsities, got {overrides!r}")
+  for pattern, sparsity in overrides.items():
+    if not isinstance(pattern, str):
+      raise ValueError(f"override key {pattern!r} must be a path pattern string")
+    re.compile(pattern)
+    schedules.check_fraction(f"overrides[{pattern!r}]", sparsity)
+
+
+def _kept(density: jax.Array, size: int) -> jax.Array:
+  return jnp.round(jnp.clip(density, 0.0, 1.0) * jnp.float32(size)).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Distribution:
+  overrides: Mapping[str, Any] | None = None
+
+  def __post_init__(self):
+    _check_overrides(self.overrides)
+
+  def counts(self, paths: Sequence[pytree.Path], scores: Sequence[jax.Array],
+             sparsity: jax.Array, step: jax.Array) -> list[jax.Array]:
+    """Entries to keep per leaf, as int32 scalars."""
+    names = [pytree.path_str(p) for p in paths]
+    fixed: dict[int, jax.Array] = {}
+    for pattern, value in (self.overrides or {}).items():
+      hits = [i for i, name in enumerate(names) if re.search(pattern, name)]
+      if not hits:
+        raise ValueError(
+            f"overrides pattern {pattern!r} matches no sparsified leaf; "
+            f"sparsified leaves: {names}")
+      for i in hits:
+        fixed.setdefault(i, schedules.as_schedule(value, f"overrides[{pattern!r}]")(step))
+    pool = [i for i in range(len(scores)) if i not in fixed]
+    out = {i: _kept(1.0 - s, scores[i].size) for i, s in fixed.items()}
+    if pool:
+      pooled = self._pool_counts([scores[i] for i in pool], sparsity)
+      out.update(zip(pool, pooled))
+    return [out[i] for i in range(len(scores))]
+
+  def _pool_counts(self, scores, sparsity):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Uniform(_Distribution):
+  """Every sparsified leaf gets the same sparsity.
+
+  Example:
+    >>> method = sj.magnitude(0.9, distribution=sj.Uniform(overrides={"head": 0.5}))
+  """
+
+  def _pool_counts(self, scores, sparsity):
+    return [_kept(1.0 - sparsity, s.size) for s in scores]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ERK(_Distribution):
+  """Erdős–Rényi-Kernel: density proportional to ``(sum(shape) / prod(shape)) ** power_scale``.
+
+  Small and thin leaves stay denser. The scale is solved so the pool keeps
+  exactly its share of weights; a leaf whose density would exceed 1 is made
+  dense and the scale is solved again for the others.
+
+  Reference: Rigging the Lottery: Making All Tickets Winners. Evci, Gale,
+  Menick, Castro, Elsen, 2020. arXiv:1911.11134.
+
+  Attributes:
+    power_scale: exponent on the ERK ratio; 0 gives uniform, 1 is ERK.
+  """
+
+  power_scale: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if schedules.is_concrete(self.power_scale) and not float(self.power_scale) >= 0:
+      raise ValueError(f"power_scale={self.power_scale} must be >= 0")
+
+  def densities(self, shapes: Sequence[tuple[int, ...]], sparsity: jax.Array) -> list[jax.Array]:
+    """ERK densities per leaf for the given shapes, traceable in `sparsity`."""
+    sizes = np.array([int(np.prod(s)) for s in shapes], np.float64)
+    raw = np.array([np.sum(s) / np.prod(s) for s in shapes], np.float64) ** self.power_scale
+    order = np.argsort(-raw, kind="stable")
+    raw_sorted, sizes_sorted = raw[order], sizes[order]
+    n_leaves = len(shapes)
+    # If the first j leaves (largest ratio) are dense, the others share
+    # eps_j = (kept - dense_j) / sum_{i >= j} raw_i * size_i.
+    dense_j = np.concatenate([[0.0], np.cumsum(sizes_sorted)])[:n_leaves]
+    weight_j = np.cumsum((raw_sorted * sizes_sorted)[::-1])[::-1]
+    kept = (1.0 - jnp.asarray(sparsity, jnp.float32)) * np.float32(sizes.sum())
+    eps = (kept - dense_j.astype(np.float32)) / weight_j.astype(np.float32)
+    valid = eps * raw_sorted.astype(np.float32) <= 1.0 + 1e-6
+    # The first valid j; j = n_leaves (all dense) if none is.
+    valid = jnp.concatenate([valid, jnp.array([True])])
+    j = jnp.argmax(valid)
+    eps_j = jnp.concatenate([eps, jnp.zeros(1, jnp.float32)])[j]
+    position = np.empty(n_leaves, np.int32)
+    position[order] = np.arange(n_leaves)
+    return [jnp.where(position[i] < j, 1.0, jnp.minimum(eps_j * np.float32(raw[i]), 1.0))
+            for i in range(n_leaves)]
+
+  def _pool_counts(self, scores, sparsity):
+    densities = self.densities([s.shape for s in scores], sparsity)
+    return [_kept(d, s.size) for d, s in zip(densities, scores)]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Global(_Distribution):
+  """One score threshold across all pooled leaves, with a per-leaf floor.
+
+  The pool keeps exactly ``round((1 - sparsity) * pool_size)`` entries, those
+  with the largest scores over all leaves. Each leaf keeps at least
+  ``min(min_density, 1 - sparsity)`` of its entries (rounded down), so no
+  layer collapses and the total stays exact.
+
+  Attributes:
+    min_density: floor on each leaf's density, in [0, 1].
+  """
+
+  min_density: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    schedules.check_fraction("min_density", self.min_density, closed=True)
+
+  def _pool_counts(self, scores, sparsity):
+    sizes = [s.size for s in scores]
+    n_pool = sum(sizes)
+    if n_pool > topk._MAX_SIZE:  # pylint: disable=protected-access
+      raise ValueError(f"the Global distribution supports up to {topk._MAX_SIZE} "  # pylint: disable=protected-access
+                       f"pooled entries, got {n_pool}")
+    total = _kept(1.0 - sparsity, n_pool)
+    share = total.astype(jnp.float32) / np.float32(n_pool)
+    floors = [jnp.minimum(jnp.ceil(np.float32(self.min_density) * np.float32(n)),
+                          jnp.floor(share * np.float32(n))).astype(jnp.int32) for n in sizes]
+    return topk.global_counts(scores, total, floors)
+
+
+Distribution = _Distribution
+DistributionLike = Union[str, _Distribution]
+
+_BY_NAME = {"uniform": Uniform, "erk": ERK, "global": Global}
+
+
+def as_distribution(distribution: DistributionLike) -> _Distribution:
+  """A distribution from a name ("uniform", "erk", "global") or an instance."""
+  if isinstance(distribution, _Distribution):
+    return distribution
+  if isinstance(distribution, str) and distribution.lower() in _BY_NAME:
+    return _BY_NAME[distribution.lower()]()
+  raise ValueError(
+      f"unknown distribution {distribution!r}; expected one of "
+      f"{sorted(_BY_NAME)} or an instance of sj.Uniform, sj.ERK or sj.Global")
+
+
+def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
+               distribution: DistributionLike = "uniform", *, step: Any = 0) -> pytree.PyTree:
+  """Masks keeping the highest-scoring entries, split over leaves by `distribution`.
+
+  Args:
+    scores: a pytree of float arrays, ``None`` at leaves that stay dense.
+    sparsity: target sparsity over the scored leaves, a float in [0, 1) or a
+      schedule evaluated at `step`.
+    distribution: "uniform", "erk", "global", or a `Uniform`/`ERK`/`Global`.
+    step: the step at which schedules (sparsity, overrides) are evaluated.
+
+  Returns:
+    a masks pytree: bool arrays with exactly the distribution's count of True
+    entries per leaf (ties to the lower flat index), ``None`` where `scores`
+    is ``None``.
+
+  Example:
+    >>> scores = jax.tree.map(jnp.abs, params)
+    >>> masks = sj.topk_masks(scores, 0.9, "erk")
+  """
+  dist = as_distribution(distribution)
+  leaves, treedef = pytree.flatten_masks(scores)
+  scored = [i for i, (_, s) in enumerate(leaves) if s is not None]
+  if not scored:
+    raise ValueError("scores has no array leaves: there is nothing to mask.")
+  paths = [leaves[i][0] for i in scored]
+  arrays = [jnp.asarray(pytree.unwrap(leaves[i][1])) for i in scored]
+  for path, a in zip(paths, arrays):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f"{pytree.describe(path, 'scores')}: scores must be floating, got {a.dtype}")
+  s = schedules.as_schedule(sparsity)(step)
+  counts = dist.counts(paths, arrays, s, step)
+  out = [None] * len(leaves)
+  for i, a, k in zip(scored, arrays, counts):
+    out[i] = topk.topk_mask(a, k)
+  return jax.tree_util.tree_unflatten(treedef, out)
