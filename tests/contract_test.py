@@ -1,0 +1,309 @@
+"""The contract every sparsity method keeps, checked over a registry of all methods.
+
+Later methods add an entry to METHODS; every test here then covers them.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen
+from flax import nnx
+
+import sparsejax as sj
+
+_POLY = sj.polynomial_schedule(0.0, 0.9, begin_step=0, end_step=8, power=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  make: Callable[[], sj.SparsityMethod]
+  # Sparsity the masks must have after the update call with this count.
+  sparsity_at: Callable[[int], float]
+  distribution: str
+
+
+def _every(n, schedule):
+  return lambda step: float(schedule(n * (step // n)))
+
+
+METHODS = {
+    "static_random_uniform": Entry(
+        lambda: sj.static_random(0.8, key=jax.random.key(0)), lambda step: 0.8, "uniform"),
+    "static_random_erk": Entry(
+        lambda: sj.static_random(0.8, "erk", key=jax.random.key(1)), lambda step: 0.8, "erk"),
+    "magnitude_uniform": Entry(
+        lambda: sj.magnitude(_POLY, update_every=2), _every(2, _POLY), "uniform"),
+    "magnitude_erk": Entry(
+        lambda: sj.magnitude(_POLY, update_every=2, distribution="erk"), _every(2, _POLY), "erk"),
+    "magnitude_global": Entry(
+        lambda: sj.magnitude(_POLY, update_every=2, distribution="global"), _every(2, _POLY),
+        "global"),
+    "magnitude_one_shot": Entry(
+        lambda: sj.magnitude(sj.one_shot(0.75, step=3), update_every=1),
+        lambda step: 0.75 if step >= 3 else 0.0, "uniform"),
+    "snip_global": Entry(lambda: sj.snip(0.85), lambda step: 0.85, "global"),
+    "snip_erk": Entry(lambda: sj.snip(0.85, "erk"), lambda step: 0.85, "erk"),
+}
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.5),
+}
+
+
+def make_params(key=0):
+  k = jax.random.split(jax.random.key(key), 4)
+  return {
+      "dense0": {"kernel": jax.random.normal(k[0], (8, 24)) * 0.5, "bias": jnp.zeros(24)},
+      "dense1": {"kernel": jax.random.normal(k[1], (24, 16)) * 0.3, "bias": jnp.zeros(16)},
+      "out": {"kernel": jax.random.normal(k[2], (16, 3)) * 0.3, "bias": jnp.zeros(3)},
+  }
+
+
+def forward(params, x):
+  h = jnp.tanh(x @ params["dense0"]["kernel"] + params["dense0"]["bias"][None])
+  h = jnp.tanh(h @ params["dense1"]["kernel"] + params["dense1"]["bias"][None])
+  return h @ params["out"]["kernel"] + params["out"]["bias"][None]
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  return jnp.mean((forward(params, x) - y) ** 2)
+
+
+def batches(n, seed=0):
+  key = jax.random.key(seed)
+  for i in range(n):
+    kx, ky = jax.random.split(jax.random.fold_in(key, i))
+    yield jax.random.normal(kx, (32, 8)), jax.random.normal(ky, (32, 3))
+
+
+def expected_kept(distribution, shapes, sparsity):
+  """Exact kept counts per leaf (or the total, for global) in float32 as the library rounds."""
+  keep = lambda d, n: int(np.round(np.float32(d) * np.float32(n)))
+  if distribution == "uniform":
+    return [keep(np.float32(1) - np.float32(sparsity), int(np.prod(s))) for s in shapes]
+  if distribution == "erk":
+    densities = sj.ERK().densities(shapes, sparsity)
+    return [keep(float(d), int(np.prod(s))) for d, s in zip(densities, shapes)]
+  total = sum(int(np.prod(s)) for s in shapes)
+  return keep(np.float32(1) - np.float32(sparsity), total)
+
+
+def assert_exact(masks, params, entry, step):
+  sparse = [(m, p) for m, p in zip(jax.tree.leaves(masks), _sparsified(masks, params))]
+  counts = [int(m.sum()) for m, _ in sparse]
+  want = expected_kept(entry.distribution, [m.shape for m, _ in sparse], entry.sparsity_at(step))
+  if entry.distribution == "global":
+    assert sum(counts) == want, f"step {step}: {counts} do not sum to {want}"
+  else:
+    assert counts == want, f"step {step}: kept {counts}, expected {want}"
+  for m, p in sparse:
+    p = np.asarray(p)
+    assert np.all(p[~np.asarray(m)] == 0), f"step {step}: a pruned weight is nonzero"
+
+
+def _sparsified(masks, params):
+  return [p for m, p in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+                            jax.tree.leaves(params)) if m is not None]
+
+
+def train(tx, entry, params, n_steps=10, check=True):
+  state = jax.jit(tx.init)(params)
+  params = sj.apply_masks(params, sj.get_masks(state))
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    return optax.apply_updates(params, updates), state
+
+  for i, batch in enumerate(batches(n_steps)):
+    params, state = step(params, state, batch)
+    if check:
+      assert_exact(sj.get_masks(state), params, entry, i)
+  return params, state
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_exact_sparsity_and_zero_pruned_weights(name, optimizer):
+  entry = METHODS[name]
+  tx = sj.sparsify(OPTIMIZERS[optimizer](), entry.make())
+  params, state = train(tx, entry, make_params())
+  assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+  masks = sj.get_masks(state)
+  assert masks["dense0"]["bias"] is None
+  assert int((params["dense0"]["bias"] != 0).sum()) > 0  # dense leaves train
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_state_is_stable_and_never_retraced(name):
+  entry = METHODS[name]
+  tx = sj.sparsify(optax.adam(1e-2), entry.make())
+  params = make_params()
+  state = tx.init(params)
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state, batch, pred):
+    grads = jax.grad(loss_fn)(params, batch)
+    # Under a random lax.cond the branches must agree on the state's type.
+    updates, state = jax.lax.cond(
+        pred, lambda: tx.update(grads, state, params),
+        lambda: (jax.tree.map(jnp.zeros_like, grads), state))
+    return optax.apply_updates(params, updates), state
+
+  rng = np.random.default_rng(0)
+  for batch in batches(10):
+    params, state = step(params, state, batch, bool(rng.random() < 0.8))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_inside_chain_and_inject_hyperparams(name):
+  entry = METHODS[name]
+  chained = optax.chain(optax.clip_by_global_norm(1.0), sj.sparsify(optax.adam(1e-2), entry.make()))
+  params, state = train(chained, entry, make_params())
+  assert optax.tree.get(state, "masks") is not None
+
+  injected = optax.inject_hyperparams(
+      lambda learning_rate: sj.sparsify(optax.adam(learning_rate), entry.make()))(
+          learning_rate=1e-2)
+  train(injected, entry, make_params())
+
+  inner_injected = sj.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+                               entry.make())
+  train(inner_injected, entry, make_params())
+
+
+def test_sparsity_is_injectable():
+  tx = optax.inject_hyperparams(
+      lambda sparsity: sj.sparsify(optax.adam(1e-2), sj.magnitude(sparsity, update_every=1)))(
+          sparsity=0.5)
+  params = make_params()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  grads = jax.grad(loss_fn)(params, next(batches(1)))
+  for sparsity in [0.5, 0.5, 0.7, 0.9]:
+    state.hyperparams["sparsity"] = jnp.asarray(sparsity)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    kernel = sj.get_masks(state)["dense1"]["kernel"]
+    assert int(kernel.sum()) == int(np.round(np.float32(1 - np.float32(sparsity)) * 384))
+
+
+@pytest.mark.parametrize("make_inner", [
+    lambda: optax.lion(1e-3, weight_decay=0.1),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=1.0)),
+    lambda: optax.sgd(optax.exponential_decay(0.1, 5, 0.5), momentum=0.9, nesterov=True),
+], ids=["lion", "chain_clip_adamw", "sgd_nesterov_schedule"])
+def test_other_inner_optimizers(make_inner):
+  entry = METHODS["magnitude_erk"]
+  train(sj.sparsify(make_inner(), entry.make()), entry, make_params())
+
+
+def test_inner_state_is_zero_at_pruned_entries():
+  entry = METHODS["magnitude_uniform"]
+  _, state = train(sj.sparsify(optax.adam(1e-2), entry.make()), entry, make_params())
+  masks = sj.get_masks(state)
+  for moment in ("mu", "nu"):
+    tree = optax.tree.get(state, moment)
+    for m, s in zip(jax.tree.leaves(masks), _sparsified(masks, tree)):
+      assert np.all(np.asarray(s)[~np.asarray(m)] == 0)
+      assert np.any(np.asarray(s)[np.asarray(m)] != 0)
+
+
+def test_dtypes_are_kept():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_params())
+  params["out"]["kernel"] = params["out"]["kernel"].astype(jnp.float32)
+  entry = METHODS["magnitude_uniform"]
+  out, _ = train(sj.sparsify(optax.adam(1e-2), entry.make()), entry, params)
+  chex.assert_trees_all_equal_dtypes(out, params)
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.dense0 = nnx.Linear(8, 24, rngs=rngs)
+    self.dense1 = nnx.Linear(24, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.dense1(jnp.tanh(self.dense0(x)))))
+
+
+@pytest.mark.parametrize("name", ["magnitude_erk", "snip_global", "static_random_uniform"])
+def test_nnx_optimizer(name):
+  entry = METHODS[name]
+  model = NnxMLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, sj.sparsify(optax.adamw(1e-2), entry.make()), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+
+  for i, (x, y) in enumerate(batches(8)):
+    step(model, optimizer, x, y)
+    masks = sj.get_masks(optimizer.opt_state)
+    params = nnx.state(model, nnx.Param)
+    assert_exact(masks, jax.tree.map(np.asarray, nnx.to_pure_dict(params)), entry, i)
+  assert optax.tree.get(optimizer.opt_state, "masks") is not None
+  assert masks["dense0"]["bias"] is None
+  pruned = sj.apply_masks(params, masks)
+  chex.assert_trees_all_equal(nnx.to_pure_dict(pruned), nnx.to_pure_dict(params))
+
+
+def test_nnx_filters_choose_leaves():
+  model = NnxMLP(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  method = sj.magnitude(0.5)
+  where = sj.nnx_filter(nnx.All(nnx.Param, nnx.PathContains("dense1")))
+  state = sj.sparsify(optax.sgd(0.1), method, where=where).init(params)
+  masks = sj.get_masks(state)
+  assert masks["dense0"]["kernel"] is None and masks["out"]["kernel"] is None
+  assert masks["dense1"]["bias"] is not None and masks["dense1"]["kernel"] is not None
+  state = sj.sparsify(optax.sgd(0.1), method, where=r"^out/").init(params)
+  masks = sj.get_masks(state)
+  assert masks["out"]["kernel"] is not None and masks["out"]["bias"] is not None
+  assert masks["dense1"]["kernel"] is None
+
+
+class LinenMLP(linen.Module):
+
+  @linen.compact
+  def __call__(self, x):
+    x = jnp.tanh(linen.Dense(24)(x))
+    x = jnp.tanh(linen.Dense(16)(x))
+    return linen.Dense(3)(x)
+
+
+def test_flax_linen_params():
+  entry = METHODS["magnitude_global"]
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), jnp.ones((1, 8)))
+  tx = sj.sparsify(optax.adam(1e-2), entry.make())
+  state = tx.init(params)
+  params = sj.apply_masks(params, sj.get_masks(state))
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i, (x, y) in enumerate(batches(8)):
+    params, state = step(params, state, x, y)
+    assert_exact(sj.get_masks(state), params, entry, i)
+  assert sj.get_masks(state)["params"]["Dense_0"]["bias"] is None
