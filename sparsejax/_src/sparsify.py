@@ -182,10 +182,10 @@ def sparsify(
         jnp.asarray(method.should_update(step), jnp.bool_), change, lambda operand: operand,
         (state.masks, state.method_state))
 
-    # Entries active before and after this step keep their optimizer state;
-    # pruned and newly grown ones restart from zero.
-    keep = jax.tree.map(lambda old, new: True if new is None else old & new,
-                        state.masks, masks, is_leaf=pytree.is_none)
+    # Inactive entries hold zero optimizer state, so entries grown later
+    # start from zero. (Reading only the new masks lets XLA update the
+    # masks in place instead of copying them.)
+    keep = jax.tree.map(lambda m: True if m is None else m, masks, is_leaf=pytree.is_none)
     inner_state = _reset_inner_state(inner, state.inner_state, keep)
     grads = jax.tree.map(
         lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)),

@@ -6,16 +6,16 @@ the ``k`` largest scores, ties broken by lower flat index, NaN ranked below
 small leaves use. Large leaves never sort: scores map to order-preserving
 uint32 keys and a search finds a threshold with
 
-1. a bracket from a sorted pseudo-random sample of 2**15 keys (2 counting passes),
+1. a bracket from a sorted pseudo-random sample of 4096 keys (2 counting passes),
 2. interpolation on the count of keys above a threshold, falling back to a
    bisection step whenever an interpolation step fails to shrink the bracket
    by 4x (one counting pass each, usually 5 to 12 in all),
-3. for ties at the threshold only, the same search over flat indices to take
-   the first tied entries (usually a few passes).
+3. for ties at the threshold only, one more pass that counts ties per row,
+   to take the first tied entries in flat order.
 
-A pass is one fused reduction over the leaf: about a tenth of a dense matmul
-over the same weights on CPU and far less on GPU, against 20 to 30 passes for
-an argsort (measured in `benchmarks/`).
+A pass reads the leaf once and keeps one byte per entry at most (XLA on CPU
+does not fuse a reduction into its producer, so counts go row by row in
+uint8), which keeps a mask update's memory small next to a train step's.
 """
 
 from __future__ import annotations
@@ -29,22 +29,51 @@ import numpy as np
 
 # Leaves up to this size are ranked with a stable argsort.
 SORT_MAX_SIZE = 1 << 16
-_SAMPLE_SIZE = 1 << 15
+_SAMPLE_SIZE = 1 << 12
 _MAX_SIZE = (1 << 31) - 1
 _UINT_MAX = 0xFFFFFFFF
 
 
+def _sanitize(scores: jax.Array) -> jax.Array:
+  """Flat float32 scores with NaN as -inf and -0.0 as 0.0."""
+  s = scores.reshape(-1).astype(jnp.float32)
+  return jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(s == 0, 0.0, s))
+
+
 def keys(scores: jax.Array) -> jax.Array:
   """Flat uint32 keys in the order of the float32 scores; NaN is lowest."""
-  s = scores.reshape(-1).astype(jnp.float32)
-  s = jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(s == 0, 0.0, s))  # -0.0 -> 0.0
-  bits = lax.bitcast_convert_type(s, jnp.uint32)
+  bits = lax.bitcast_convert_type(_sanitize(scores), jnp.uint32)
   negative = (bits >> 31) == 1
   return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _count_ge(u: jax.Array, t: jax.Array) -> jax.Array:
-  return jnp.sum(u >= t, dtype=jnp.int32)
+def _key_value(t: jax.Array) -> jax.Array:
+  """The smallest float32 whose key is >= t: compares on sanitized scores
+  then match compares on keys, and no key array is ever materialized."""
+  positive = t >= jnp.uint32(0x80000000)
+  bits = jnp.where(positive, t & jnp.uint32(0x7FFFFFFF), ~t)
+  value = lax.bitcast_convert_type(bits, jnp.float32)
+  # Keys below that of -inf (unused, NaN bit patterns) count everything.
+  return jnp.where(~positive & (t <= jnp.uint32(0x007FFFFF)), -jnp.inf, value)
+
+
+def _row_length(n: int) -> int:
+  """The largest divisor of n up to 255: rows whose counts fit in uint8."""
+  return next(d for d in range(min(n, 255), 0, -1) if n % d == 0)
+
+
+def _row_counts(flags: jax.Array) -> jax.Array:
+  """True entries per row of `flags` (flat bool) cut into rows of `_row_length`.
+
+  Counting row by row in uint8 keeps what XLA materializes to one byte per
+  entry (a plain int32 sum materializes four on CPU).
+  """
+  n = flags.size
+  return jnp.sum(flags.reshape(n // _row_length(n), -1), axis=1, dtype=jnp.uint8)
+
+
+def _count_ge(s: jax.Array, t: jax.Array) -> jax.Array:
+  return jnp.sum(_row_counts(s >= _key_value(t)), dtype=jnp.int32)
 
 
 def _search(count: Callable[[jax.Array], jax.Array], lo, hi, c_lo, c_hi, k):
@@ -80,20 +109,20 @@ def _search(count: Callable[[jax.Array], jax.Array], lo, hi, c_lo, c_hi, k):
   return lo, hi, c_lo, c_hi
 
 
-def _sample_bracket(us: Sequence[jax.Array], k: jax.Array):
-  """Keys ``lo < hi`` likely to bracket the k-th largest key over `us`."""
-  total = sum(u.size for u in us)
+def _sample_bracket(ss: Sequence[jax.Array], k: jax.Array):
+  """Keys ``lo < hi`` likely to bracket the k-th largest key over scores `ss`."""
+  total = sum(s.size for s in ss)
   samples, weights = [], []
-  for u in us:
-    m = int(min(u.size, max(1, round(_SAMPLE_SIZE * u.size / total))))
+  for s in ss:
+    m = int(min(s.size, max(1, round(_SAMPLE_SIZE * s.size / total))))
     # A multiplicative hash spreads the sample over the whole leaf.
-    idx = (np.arange(m, dtype=np.uint64) * 2654435761) % u.size
-    samples.append(u[jnp.asarray(idx.astype(np.int32))])
-    weights.append(np.full(m, u.size / m, np.float32))
-  sample = jnp.concatenate(samples)
-  weight = jnp.asarray(np.concatenate(weights))
-  order = jnp.argsort(~sample)  # descending keys
-  sample, weight = sample[order], weight[order]
+    idx = (np.arange(m, dtype=np.uint64) * 2654435761) % s.size
+    samples.append(keys(s[jnp.asarray(idx.astype(np.int32))]))
+    weights.append(np.full(m, s.size / m, np.float32))
+  # Sorting ~keys ascending sorts keys descending, weights alongside.
+  flipped, weight = lax.sort((~jnp.concatenate(samples), jnp.asarray(np.concatenate(weights))),
+                             num_keys=1)
+  sample = ~flipped
   m = sample.size
   i = jnp.searchsorted(jnp.cumsum(weight), k.astype(jnp.float32)).astype(jnp.float32)
   margin = 3.0 * jnp.sqrt(i * (1.0 - i / m)) + 2.0
@@ -102,12 +131,12 @@ def _sample_bracket(us: Sequence[jax.Array], k: jax.Array):
   return sample[i_lo], sample[i_hi] + 1
 
 
-def _threshold(count, us, k, c_bottom, c_top):
+def _threshold(count, ss, k, c_bottom, c_top):
   """Search for the k-th largest key; returns (lo, hi, count(lo), count(hi)).
 
   `c_bottom` and `c_top` are the counts at keys 0 and 2**32 - 1.
   """
-  lo, hi = _sample_bracket(us, k)
+  lo, hi = _sample_bracket(ss, k)
   c_lo, c_hi = count(lo), count(hi)
   lo_ok, hi_ok = c_lo >= k, c_hi < k
   # A sample can miss; the counts just taken still bound the answer.
@@ -125,26 +154,30 @@ def _sorted_topk(u: jax.Array, k: jax.Array) -> jax.Array:
   return rank < k
 
 
-def _searched_topk(u: jax.Array, k: jax.Array) -> jax.Array:
-  n = u.size
-  count = lambda t: _count_ge(u, t)
-  lo, hi, c_lo, c_hi = _threshold(count, [u], k, jnp.int32(n), jnp.int32(0))
+def _searched_topk(s: jax.Array, k: jax.Array) -> jax.Array:
+  n = s.size
+  count = lambda t: _count_ge(s, t)
+  lo, hi, c_lo, c_hi = _threshold(count, [s], k, jnp.int32(n), jnp.int32(0))
   tied = c_lo != k
-  index = jnp.arange(n, dtype=jnp.uint32)
+  at_lo = s == _key_value(lo)
 
   def first_ties():
-    # Keep the first r entries whose key equals lo: find the index bound I
-    # with exactly (#ties - r) tied entries at index >= I.
-    n_ties, r = c_lo - c_hi, k - c_hi
-    at_lo = u == lo
-    count_from = lambda t: jnp.sum(at_lo & (index >= t), dtype=jnp.int32)
-    bound, *_ = _search(count_from, jnp.uint32(0), jnp.uint32(n), n_ties,
-                        jnp.int32(0), n_ties - r)
-    return bound
+    # Keep the first r = k - c_hi entries tied at lo, in flat order: find
+    # the row holding the r-th tie from cumulative row counts, then the
+    # column within that row.
+    r = k - c_hi
+    rows = jnp.cumsum(_row_counts(at_lo), dtype=jnp.int32)
+    row = jnp.searchsorted(rows, r)  # first row whose cumulative count reaches r
+    width = _row_length(n)
+    in_row = lax.dynamic_slice(at_lo, (row * width,), (width,))
+    need = r - jnp.where(row > 0, rows[jnp.maximum(row - 1, 0)], 0)
+    col = jnp.searchsorted(jnp.cumsum(in_row, dtype=jnp.int32), need)
+    return (row * width + col + 1).astype(jnp.int32)
 
-  bound = lax.cond(tied, first_ties, lambda: jnp.uint32(0))
+  bound = lax.cond(tied, first_ties, lambda: jnp.int32(0))
   cut = jnp.where(tied, hi, lo)
-  return (u >= cut) | ((u == lo) & (index < bound))
+  index = jnp.arange(n, dtype=jnp.int32)
+  return (s >= _key_value(cut)) | (at_lo & (index < bound))
 
 
 def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
@@ -171,11 +204,10 @@ def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
   if n == 0:
     return jnp.zeros(scores.shape, jnp.bool_)
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
-  u = keys(scores)
   if n <= SORT_MAX_SIZE:
-    mask = _sorted_topk(u, k)
+    mask = _sorted_topk(keys(scores), k)
   else:
-    mask = _searched_topk(u, jnp.maximum(k, 1)) & (k > 0)
+    mask = _searched_topk(_sanitize(scores), jnp.maximum(k, 1)) & (k > 0)
   return mask.reshape(scores.shape)
 
 
@@ -190,18 +222,18 @@ def global_counts(scores: Sequence[jax.Array], total: jax.Array,
   Returns:
     a list of int32 counts, one per leaf, that sum to `total`.
   """
-  us = [keys(s) for s in scores]
+  ss = [_sanitize(s) for s in scores]
   floors = [jnp.asarray(f, jnp.int32) for f in floors]
   total = jnp.asarray(total, jnp.int32)
-  n_all = sum(u.size for u in us)
+  n_all = sum(s.size for s in ss)
 
   def per_leaf(t):
-    return [jnp.maximum(_count_ge(u, t), f) for u, f in zip(us, floors)]
+    return [jnp.maximum(_count_ge(s, t), f) for s, f in zip(ss, floors)]
 
   count = lambda t: sum(per_leaf(t))
   floor_sum = sum(floors)
   lo, hi, c_lo, c_hi = _threshold(
-      count, us, jnp.maximum(total, 1), jnp.int32(n_all), floor_sum)
+      count, ss, jnp.maximum(total, 1), jnp.int32(n_all), floor_sum)
   at_lo, above = jnp.stack(per_leaf(lo)), jnp.stack(per_leaf(hi))
   # Exact hit: counts at lo. Ties at lo: counts above it plus the tied
   # entries leaf by leaf until the total is reached.
