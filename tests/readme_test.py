@@ -1,0 +1,27 @@
+"""The README's quick start runs as written and does what it says."""
+
+import pathlib
+import re
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs(capsys):
+  readme = (ROOT / "README.md").read_text()
+  block = readme.split("<!-- quickstart")[1]
+  code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+  scope = {}
+  with jax.numpy_rank_promotion("allow"):  # user code broadcasts biases
+    exec(compile(code, "README quickstart", "exec"), scope)  # pylint: disable=exec-used
+  import sparsejax as sj  # pylint: disable=g-import-not-at-top
+  masks, params = sj.get_masks(scope["state"]), scope["params"]
+  # Past end_step the kernels hold exactly their ERK share of a 90% target.
+  kept = sum(int(m.sum()) for m in jax.tree.leaves(masks))
+  assert abs(kept - 0.1 * (64 * 256 + 256 * 10)) <= 1
+  for m, p in [(masks["hidden"]["kernel"], params["hidden"]["kernel"]),
+               (masks["out"]["kernel"], params["out"]["kernel"])]:
+    assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+  assert "total (sparsified leaves)" in capsys.readouterr().out
