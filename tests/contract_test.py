@@ -243,7 +243,7 @@ class NnxMLP(nnx.Module):
     return self.out(jnp.tanh(self.dense1(jnp.tanh(self.dense0(x)))))
 
 
-@pytest.mark.parametrize("name", ["magnitude_erk", "snip_global", "static_random_uniform"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_nnx_optimizer(name):
   entry = METHODS[name]
   model = NnxMLP(nnx.Rngs(0))
@@ -289,8 +289,9 @@ class LinenMLP(linen.Module):
     return linen.Dense(3)(x)
 
 
-def test_flax_linen_params():
-  entry = METHODS["magnitude_global"]
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_flax_linen_params(name):
+  entry = METHODS[name]
   model = LinenMLP()
   params = model.init(jax.random.key(0), jnp.ones((1, 8)))
   tx = sj.sparsify(optax.adam(1e-2), entry.make())

@@ -110,3 +110,16 @@ def test_sparsity_out_of_range():
   for bad in [-0.1, 1.0, 1.5]:
     with pytest.raises(ValueError, match=rf"sparsity={bad} must lie in \[0, 1\)"):
       sj.init_masks(params(), bad, key=jax.random.key(0))
+
+
+def test_none_leaves_in_params():
+  p = {"w": jnp.arange(16.0).reshape(4, 4), "unused": None, "pair": (jnp.ones(3), None)}
+  tx = sj.sparsify(optax.adam(0.1), sj.magnitude(0.5))
+  state = tx.init(p)
+  masks = sj.get_masks(state)
+  assert masks["unused"] is None and masks["pair"] == (None, None)
+  updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, p), state, p)
+  out = optax.apply_updates(p, updates)
+  assert out["unused"] is None
+  np.testing.assert_array_equal(np.asarray(out["w"])[:2], 0.0)  # the 8 smallest
+  assert "pair/0" in sj.summary(out, masks)

@@ -203,7 +203,7 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
     >>> masks = sj.topk_masks(scores, 0.9, "erk")
   """
   dist = as_distribution(distribution)
-  leaves, treedef = pytree.flatten_masks(scores)
+  leaves, treedef = pytree.flatten(scores)
   scored = [i for i, (_, s) in enumerate(leaves) if s is not None]
   if not scored:
     raise ValueError("scores has no array leaves: there is nothing to mask.")

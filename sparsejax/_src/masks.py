@@ -97,12 +97,14 @@ def summary(params: PyTree, masks: PyTree | None = None) -> str:
   leaves, _ = pytree.flatten(params)
   if masks is not None:
     pytree.check_masks(masks, params)
-    mask_leaves = [m for _, m in pytree.flatten_masks(masks)[0]]
+    mask_leaves = [m for _, m in pytree.flatten(masks)[0]]
   else:
     mask_leaves = [None] * len(leaves)
   rows = []
   totals = {"sparse": [0, 0], "all": [0, 0]}
   for (path, leaf), mask in zip(leaves, mask_leaves):
+    if leaf is None:
+      continue
     a = np.asarray(pytree.unwrap(leaf))
     nnz = int(np.count_nonzero(a))
     kind = "dense" if masks is not None and mask is None else "sparse" if masks is not None else ""
@@ -113,7 +115,7 @@ def summary(params: PyTree, masks: PyTree | None = None) -> str:
     if kind == "sparse":
       totals["sparse"][0] += a.size
       totals["sparse"][1] += nnz
-  width = max([len(r[0]) for r in rows] + [20])
+  width = max([len(r[0]) for r in rows] + [len('total (sparsified leaves)')])
   head = f"{'leaf':<{width}}  {'shape':>14}  {'size':>10}  {'nnz':>10}  {'density':>7}  kind"
   lines = [head, "-" * len(head)]
   for name, shape, size, nnz, density, kind in rows:

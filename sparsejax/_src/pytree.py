@@ -64,14 +64,15 @@ def describe(path: Path, root: str = "params") -> str:
 
 
 def flatten(tree: PyTree) -> tuple[list[tuple[Path, Any]], Any]:
-  """Leaves with paths, nnx Variables kept whole."""
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+  """Leaves with paths; nnx Variables kept whole and ``None`` kept as a leaf.
 
-
-def flatten_masks(masks: PyTree) -> tuple[list[tuple[Path, Any]], Any]:
-  """Leaves with paths of a masks tree, ``None`` kept as a leaf."""
+  Treating ``None`` as a leaf gives params and their masks (``None`` at dense
+  leaves) the same structure.
+  """
   return jax.tree_util.tree_flatten_with_path(
-      masks, is_leaf=lambda x: x is None or is_variable(x))
+      tree, is_leaf=lambda x: x is None or is_variable(x))
+
+
 
 
 def default_where(path: Path, leaf: Any) -> bool:
@@ -147,7 +148,7 @@ def where_flags(params: PyTree, where: Where | str | Sequence[str] | None) -> li
     raise ValueError("params has no leaves: there is nothing to sparsify.")
   flags = []
   for path, leaf in leaves:
-    flag = bool(where(path, leaf))
+    flag = leaf is not None and bool(where(path, leaf))
     if flag and not jnp.issubdtype(unwrap(leaf).dtype, jnp.floating):
       raise ValueError(
           f"where selected {describe(path)} of dtype {unwrap(leaf).dtype}; only "
@@ -180,7 +181,7 @@ def restrict(masks: PyTree, tree: PyTree) -> PyTree:
 
 def check_masks(masks: PyTree, params: PyTree, root: str = "params") -> None:
   """Raises ValueError unless `masks` pairs with `params` (structure, shapes, dtype)."""
-  m_leaves, m_def = flatten_masks(masks)
+  m_leaves, m_def = flatten(masks)
   p_leaves, p_def = flatten(params)
   if m_def != p_def:
     m_paths = {path_str(p) for p, _ in m_leaves}

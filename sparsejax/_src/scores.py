@@ -33,7 +33,7 @@ def saliency(params: PyTree, grads: PyTree, masks: PyTree) -> PyTree:
 
 def random(masks: PyTree, key: jax.Array) -> PyTree:
   """Uniform random scores in [0, 1) per sparsified leaf, one key per leaf index."""
-  leaves, treedef = pytree.flatten_masks(masks)
+  leaves, treedef = pytree.flatten(masks)
   out = [None if m is None else jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(m))
          for i, (_, m) in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, out)

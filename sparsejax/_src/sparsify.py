@@ -5,8 +5,8 @@ The wrapper owns the masks. On every `update` it
 1. changes the masks when the method says so, under `lax.cond` on its own
    step count (state shapes never change, so nothing recompiles);
 2. zeroes the inner optimizer's per-parameter state (momentum, Adam moments)
-   wherever an entry is inactive or has just been grown, using
-   `optax.tree_utils.tree_map_params`, so this works for any optax optimizer;
+   wherever an entry is inactive, using `optax.tree_utils.tree_map_params`,
+   so this works for any optax optimizer and a regrown entry starts from zero;
 3. feeds the inner optimizer gradients with the pruned entries zeroed;
 4. returns updates that take every pruned entry to exactly zero: ``-param``
    where the mask is False, so ``optax.apply_updates`` lands on 0.0 exactly,
@@ -87,8 +87,8 @@ class SparsifyState(NamedTuple):
 
 
 def _check_method_masks(new: PyTree, old: PyTree, when: str) -> None:
-  new_leaves, new_def = pytree.flatten_masks(new)
-  old_leaves, old_def = pytree.flatten_masks(old)
+  new_leaves, new_def = pytree.flatten(new)
+  old_leaves, old_def = pytree.flatten(old)
   if new_def != old_def:
     raise ValueError(
         f"the sparsity method's {when} returned masks with structure {new_def}; "
@@ -185,7 +185,8 @@ def sparsify(
     # Inactive entries hold zero optimizer state, so entries grown later
     # start from zero. (Reading only the new masks lets XLA update the
     # masks in place instead of copying them.)
-    keep = jax.tree.map(lambda m: True if m is None else m, masks, is_leaf=pytree.is_none)
+    keep = jax.tree.map(lambda m, p: (None if p is None else True) if m is None else m,
+                        masks, params, is_leaf=pytree.is_none)
     inner_state = _reset_inner_state(inner, state.inner_state, keep)
     grads = jax.tree.map(
         lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)),
