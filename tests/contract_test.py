@@ -207,7 +207,12 @@ def test_sparsity_is_injectable():
     lambda: optax.lion(1e-3, weight_decay=0.1),
     lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=1.0)),
     lambda: optax.sgd(optax.exponential_decay(0.1, 5, 0.5), momentum=0.9, nesterov=True),
-], ids=["lion", "chain_clip_adamw", "sgd_nesterov_schedule"])
+    lambda: optax.masked(optax.adam(1e-2), lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+    lambda: optax.partition(
+        {"kernel": optax.adam(1e-2), "bias": optax.sgd(0.1)},
+        lambda p: jax.tree.map(lambda x: "kernel" if x.ndim > 1 else "bias", p)),
+    lambda: optax.contrib.muon(1e-2),
+], ids=["lion", "chain_clip_adamw", "sgd_nesterov_schedule", "masked", "partition", "muon"])
 def test_other_inner_optimizers(make_inner):
   entry = METHODS["magnitude_erk"]
   train(sj.sparsify(make_inner(), entry.make()), entry, make_params())

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
+from sparsejax._src import distributions
 
 
 def rigl_erk_densities(shapes, sparsity, power_scale=1.0):
@@ -122,3 +123,53 @@ def test_distribution_bad_input():
     sj.topk_masks(_scores([(4, 4)]), 0.5, sj.Uniform(overrides={"decoder": 0.1}))
   with pytest.raises(ValueError, match=r"scores\['a'\]: scores must be floating"):
     sj.topk_masks({"a": jnp.arange(4)}, 0.5)
+
+
+def test_kept_counts_are_exact_at_the_ends_for_huge_leaves():
+  n = 2**24 + 1  # not representable in float32
+  assert int(distributions._kept(jnp.float32(1.0), n)) == n  # pylint: disable=protected-access
+  assert int(distributions._kept(jnp.float32(0.0), n)) == 0  # pylint: disable=protected-access
+
+
+def test_erk_equals_uniform_when_ratios_are_equal():
+  for sparsity in np.linspace(0.0, 0.95, 39):
+    scores = _scores([(3, 5), (5, 3)])
+    erk = sj.topk_masks(scores, float(sparsity), "erk")
+    uniform = sj.topk_masks(scores, float(sparsity), "uniform")
+    assert [int(m.sum()) for m in erk.values()] == [int(m.sum()) for m in uniform.values()]
+
+
+def test_global_floor_is_floor_of_min_density_or_global_density():
+  scores = jax.tree.map(jnp.abs, _scores([(64,), (1000,)]))
+  scores["layer0"] = scores["layer0"] * 1e-6  # would lose everything to a pure threshold
+  assert int(sj.topk_masks(scores, 0.5, sj.Global())["layer0"].sum()) == 0
+  masks = sj.topk_masks(scores, 0.5, sj.Global(min_density=0.5))
+  assert int(masks["layer0"].sum()) == 32
+  masks = sj.topk_masks(scores, 0.5, sj.Global(min_density=0.3))
+  assert int(masks["layer0"].sum()) == 20  # ceil(0.3 * 64)
+  assert sum(int(m.sum()) for m in masks.values()) == 532
+  masks = sj.topk_masks({"a": scores["layer0"][:50] * 0 + 1e-9, "b": scores["layer1"]}, 0.5,
+                        sj.Global(min_density=0.3))
+  assert int(masks["a"].sum()) == 15  # exactly 0.3 * 50, no float overshoot
+
+
+def test_global_floors_that_overshoot_give_back_the_excess():
+  from sparsejax._src import topk  # pylint: disable=g-import-not-at-top
+  scores = [jnp.arange(10.0), jnp.arange(10.0)]
+  assert [int(c) for c in topk.global_counts(scores, 7, [5, 4])] == [5, 2]
+
+
+def test_empty_leaves_keep_nothing():
+  scores = {"w": jnp.arange(10.0), "empty": jnp.zeros((0, 4))}
+  for dist in ["uniform", "erk", "global"]:
+    masks = sj.topk_masks(scores, 0.5, dist)
+    assert masks["empty"].shape == (0, 4) and int(masks["w"].sum()) == 5
+
+
+def test_static_distribution_hyperparameters():
+  with pytest.raises(ValueError, match="power_scale must be a Python float"):
+    sj.ERK(power_scale=jnp.float32(0.5))
+  with pytest.raises(ValueError, match="min_density must be a Python float"):
+    sj.Global(min_density=jnp.float32(0.1))
+  with pytest.raises(ValueError, match=r"overrides: 'dense\[' is not a valid regular expression"):
+    sj.Uniform(overrides={"dense[": 0.5})

@@ -123,3 +123,11 @@ def test_none_leaves_in_params():
   assert out["unused"] is None
   np.testing.assert_array_equal(np.asarray(out["w"])[:2], 0.0)  # the 8 smallest
   assert "pair/0" in sj.summary(out, masks)
+
+
+def test_scalar_leaves_and_bad_patterns():
+  p = {"w": jnp.ones((4, 4)), "temperature": 1.0}
+  masks = sj.init_masks(p, 0.5, key=jax.random.key(0))
+  assert masks["temperature"] is None and int(masks["w"].sum()) == 8
+  with pytest.raises(ValueError, match=r"where: '\(kernel' is not a valid regular expression"):
+    sj.init_masks(p, 0.5, key=jax.random.key(0), where="(kernel")

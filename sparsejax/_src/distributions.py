@@ -32,12 +32,21 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> None:
   for pattern, sparsity in overrides.items():
     if not isinstance(pattern, str):
       raise ValueError(f"override key {pattern!r} must be a path pattern string")
-    re.compile(pattern)
+    pytree.compile_pattern(pattern, "overrides")
     schedules.check_fraction(f"overrides[{pattern!r}]", sparsity)
 
 
 def _kept(density: jax.Array, size: int) -> jax.Array:
-  return jnp.round(jnp.clip(density, 0.0, 1.0) * jnp.float32(size)).astype(jnp.int32)
+  """``round(density * size)`` in float32, ties to even; exactly 0 and `size` at the ends."""
+  density = jnp.clip(density, 0.0, 1.0)
+  kept = jnp.round(density * jnp.float32(size)).astype(jnp.int32)
+  return jnp.where(density >= 1.0, size, jnp.minimum(kept, size))
+
+
+def _check_static(name: str, value: Any) -> None:
+  if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+    raise ValueError(f"{name} must be a Python float (it shapes the computation), "
+                     f"got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,8 +69,10 @@ class _Distribution:
             f"sparsified leaves: {names}")
       for i in hits:
         fixed.setdefault(i, schedules.as_schedule(value, f"overrides[{pattern!r}]")(step))
-    pool = [i for i in range(len(scores)) if i not in fixed]
+    empty = {i for i, a in enumerate(scores) if a.size == 0}
+    pool = [i for i in range(len(scores)) if i not in fixed and i not in empty]
     out = {i: _kept(1.0 - s, scores[i].size) for i, s in fixed.items()}
+    out.update((i, jnp.int32(0)) for i in empty)
     if pool:
       pooled = self._pool_counts([scores[i] for i in pool], sparsity)
       out.update(zip(pool, pooled))
@@ -102,13 +113,16 @@ class ERK(_Distribution):
 
   def __post_init__(self):
     super().__post_init__()
-    if schedules.is_concrete(self.power_scale) and not float(self.power_scale) >= 0:
+    _check_static("power_scale", self.power_scale)
+    if not float(self.power_scale) >= 0:
       raise ValueError(f"power_scale={self.power_scale} must be >= 0")
 
   def densities(self, shapes: Sequence[tuple[int, ...]], sparsity: jax.Array) -> list[jax.Array]:
     """ERK densities per leaf for the given shapes, traceable in `sparsity`."""
     sizes = np.array([int(np.prod(s)) for s in shapes], np.float64)
     raw = np.array([np.sum(s) / np.prod(s) for s in shapes], np.float64) ** self.power_scale
+    if np.all(raw == raw[0]):  # one ratio for all: uniform, without rounding error
+      return [jnp.clip(1.0 - jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)] * len(shapes)
     order = np.argsort(-raw, kind="stable")
     raw_sorted, sizes_sorted = raw[order], sizes[order]
     n_leaves = len(shapes)
@@ -139,8 +153,9 @@ class Global(_Distribution):
 
   The pool keeps exactly ``round((1 - sparsity) * pool_size)`` entries, those
   with the largest scores over all leaves. Each leaf keeps at least
-  ``min(min_density, 1 - sparsity)`` of its entries (rounded down), so no
-  layer collapses and the total stays exact.
+  ``min(ceil(min_density * size), floor((1 - sparsity) * size))`` entries: at
+  least `min_density` of it whenever the global density allows, so no layer
+  collapses, and never so many that the total could not be exact.
 
   Attributes:
     min_density: floor on each leaf's density, in [0, 1].
@@ -150,6 +165,7 @@ class Global(_Distribution):
 
   def __post_init__(self):
     super().__post_init__()
+    _check_static("min_density", self.min_density)
     schedules.check_fraction("min_density", self.min_density, closed=True)
 
   def _pool_counts(self, scores, sparsity):
@@ -159,9 +175,9 @@ class Global(_Distribution):
       raise ValueError(f"the Global distribution supports up to {topk._MAX_SIZE} "  # pylint: disable=protected-access
                        f"pooled entries, got {n_pool}")
     total = _kept(1.0 - sparsity, n_pool)
-    share = total.astype(jnp.float32) / np.float32(n_pool)
-    floors = [jnp.minimum(jnp.ceil(np.float32(self.min_density) * np.float32(n)),
-                          jnp.floor(share * np.float32(n))).astype(jnp.int32) for n in sizes]
+    floors = [jnp.minimum(int(np.ceil(self.min_density * n - 1e-9)),
+                          jnp.floor((1.0 - sparsity) * np.float32(n)).astype(jnp.int32))
+              for n in sizes]
     return topk.global_counts(scores, total, floors)
 
 

@@ -78,7 +78,16 @@ def flatten(tree: PyTree) -> tuple[list[tuple[Path, Any]], Any]:
 def default_where(path: Path, leaf: Any) -> bool:
   """Floating leaves with ndim >= 2: kernels, embeddings, conv filters."""
   del path
-  return jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2
+  leaf = unwrap(leaf)
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.ndim(leaf) >= 2
+
+
+def compile_pattern(pattern: str, argument: str) -> re.Pattern:
+  """`re.compile` with a ValueError that names the argument."""
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{argument}: {pattern!r} is not a valid regular expression: {e}") from e
 
 
 def path_pattern(*patterns: str) -> Where:
@@ -93,7 +102,7 @@ def path_pattern(*patterns: str) -> Where:
   """
   if not patterns or not all(isinstance(p, str) for p in patterns):
     raise ValueError(f"path_pattern takes one or more regex strings, got {patterns!r}")
-  compiled = [re.compile(p) for p in patterns]
+  compiled = [compile_pattern(p, "where") for p in patterns]
 
   def where(path: Path, leaf: Any) -> bool:
     del leaf
@@ -149,10 +158,10 @@ def where_flags(params: PyTree, where: Where | str | Sequence[str] | None) -> li
   flags = []
   for path, leaf in leaves:
     flag = leaf is not None and bool(where(path, leaf))
-    if flag and not jnp.issubdtype(unwrap(leaf).dtype, jnp.floating):
+    if flag and not jnp.issubdtype(jnp.result_type(unwrap(leaf)), jnp.floating):
       raise ValueError(
-          f"where selected {describe(path)} of dtype {unwrap(leaf).dtype}; only "
-          "floating-point leaves can be sparsified.")
+          f"where selected {describe(path)} of dtype {jnp.result_type(unwrap(leaf))}; "
+          "only floating-point leaves can be sparsified.")
     flags.append(flag)
   if not any(flags):
     listing = ", ".join(path_str(p) or "<root>" for p, _ in leaves[:8])

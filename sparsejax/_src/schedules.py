@@ -86,7 +86,7 @@ def polynomial_schedule(
 
   Example:
     >>> schedule = sj.polynomial_schedule(0.0, 0.9, begin_step=100, end_step=1000)
-    >>> float(schedule(1000))
+    >>> round(float(schedule(1000)), 6)
     0.9
   """
   check_fraction("init_sparsity", init_sparsity)
@@ -116,7 +116,7 @@ def one_shot(sparsity: float, step: int = 0) -> Schedule:
 
   Example:
     >>> schedule = sj.one_shot(0.8, step=500)
-    >>> float(schedule(499)), float(schedule(500))
+    >>> round(float(schedule(499)), 6), round(float(schedule(500)), 6)
     (0.0, 0.8)
   """
   check_fraction("sparsity", sparsity)

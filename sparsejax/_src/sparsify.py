@@ -10,7 +10,8 @@ The wrapper owns the masks. On every `update` it
 3. feeds the inner optimizer gradients with the pruned entries zeroed;
 4. returns updates that take every pruned entry to exactly zero: ``-param``
    where the mask is False, so ``optax.apply_updates`` lands on 0.0 exactly,
-   whatever the inner optimizer did (momentum, weight decay, ...).
+   whatever the inner optimizer did (momentum, weight decay, ...). Only a
+   NaN or infinite weight cannot be zeroed by an update; `apply_masks` can.
 """
 
 from __future__ import annotations
@@ -107,12 +108,15 @@ def _reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.O
                        keep: PyTree) -> optax.OptState:
   """Zeroes param-shaped inner state where `keep` is False (True at dense leaves)."""
 
+  masked_node = lambda x: isinstance(x, optax.transforms.MaskedNode)
+
   def reset(s, k):
-    if k is True or jnp.shape(s) != jnp.shape(k):
+    # MaskedNode marks leaves an optax.masked / optax.partition branch skips.
+    if masked_node(s) or k is True or jnp.shape(s) != jnp.shape(k):
       return s
     return jnp.where(k, s, jnp.zeros((), s.dtype))
 
-  return optax.tree_utils.tree_map_params(inner, reset, inner_state, keep)
+  return optax.tree_utils.tree_map_params(inner, reset, inner_state, keep, is_leaf=masked_node)
 
 
 def sparsify(

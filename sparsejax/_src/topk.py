@@ -2,14 +2,15 @@
 
 `topk_mask(scores, k)` returns a boolean mask with exactly ``k`` True entries:
 the ``k`` largest scores, ties broken by lower flat index, NaN ranked below
-``-inf``. That is the result of a stable descending argsort, which is what
+``-inf``, subnormal scores counted as zero. That is the result of a stable descending argsort, which is what
 small leaves use. Large leaves never sort: scores map to order-preserving
 uint32 keys and a search finds a threshold with
 
 1. a bracket from a sorted pseudo-random sample of 4096 keys (2 counting passes),
 2. interpolation on the count of keys above a threshold, falling back to a
    bisection step whenever an interpolation step fails to shrink the bracket
-   by 4x (one counting pass each, usually 5 to 12 in all),
+   by 4x (one counting pass each: a handful for weight-like scores, at most
+   about 64 for adversarial ones),
 3. for ties at the threshold only, one more pass that counts ties per row,
    to take the first tied entries in flat order.
 
@@ -35,9 +36,14 @@ _UINT_MAX = 0xFFFFFFFF
 
 
 def _sanitize(scores: jax.Array) -> jax.Array:
-  """Flat float32 scores with NaN as -inf and -0.0 as 0.0."""
+  """Flat float32 scores with NaN as -inf and -0.0 and subnormals as 0.0.
+
+  Subnormals are flushed explicitly because XLA's CPU comparisons flush them,
+  and both paths (sort and search) must rank alike.
+  """
   s = scores.reshape(-1).astype(jnp.float32)
-  return jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(s == 0, 0.0, s))
+  tiny = (lax.bitcast_convert_type(s, jnp.uint32) & jnp.uint32(0x7F800000)) == 0
+  return jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(tiny, 0.0, s))
 
 
 def keys(scores: jax.Array) -> jax.Array:
@@ -101,7 +107,7 @@ def _search(count: Callable[[jax.Array], jax.Array], lo, hi, c_lo, c_hi, k):
     new_hi, new_c_hi = jnp.where(above, hi, t), jnp.where(above, c_hi, c_t)
     # Interpolation that keeps a quarter of the bracket's entries or more is
     # followed by one bisection step, so the search never stalls.
-    slow = (new_c_lo - new_c_hi) * 4 >= (c_lo - c_hi)
+    slow = (new_c_lo - new_c_hi).astype(jnp.float32) * 4 >= (c_lo - c_hi).astype(jnp.float32)
     return new_lo, new_hi, new_c_lo, new_c_hi, ~bisect & slow
 
   lo, hi, c_lo, c_hi, _ = lax.while_loop(
@@ -183,8 +189,9 @@ def _searched_topk(s: jax.Array, k: jax.Array) -> jax.Array:
 def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
   """Mask of the `k` largest `scores`, exactly `k` True entries.
 
-  Ties go to the lower flat index, and NaN ranks below ``-inf``, so the
-  result equals taking the first `k` of a stable descending argsort. `k` may
+  Ties go to the lower flat index, NaN ranks below ``-inf`` and subnormal
+  scores count as zero, so the result equals taking the first `k` of a stable
+  descending argsort of the scores so cleaned. `k` may
   be traced; it is clipped to ``[0, scores.size]``.
 
   Args:
@@ -217,14 +224,20 @@ def global_counts(scores: Sequence[jax.Array], total: jax.Array,
 
   Leaf ``l`` keeps ``max(#(scores_l >= t), floors[l])`` entries for the
   threshold ``t`` at which the counts add up to `total`; entries tied at the
-  threshold go to earlier leaves first. Requires ``sum(floors) <= total``.
+  threshold go to earlier leaves first. Floors that add up to more than
+  `total` are lowered, last leaves first.
 
   Returns:
     a list of int32 counts, one per leaf, that sum to `total`.
   """
   ss = [_sanitize(s) for s in scores]
-  floors = [jnp.asarray(f, jnp.int32) for f in floors]
+  floors = jnp.stack([jnp.asarray(f, jnp.int32) for f in floors])
   total = jnp.asarray(total, jnp.int32)
+  # Floors that overshoot the total (by float rounding) give back the excess,
+  # last leaves first, so the total stays exact.
+  excess = jnp.maximum(jnp.sum(floors) - total, 0)
+  after = jnp.cumsum(floors[::-1])[::-1] - floors
+  floors = list(floors - jnp.clip(excess - after, 0, floors))
   n_all = sum(s.size for s in ss)
 
   def per_leaf(t):
