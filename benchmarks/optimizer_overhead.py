@@ -99,7 +99,7 @@ def main(argv):
 
   dense = np.median(runs["adam (dense)"][3])
   print(f"\n{'configuration':<26} {'ms/step':>9} {'vs dense':>9}")
-  for name, (_, params, state, times) in runs.items():
+  for name, (*_, times) in runs.items():
     t = np.median(times)
     print(f"{name:<26} {1e3 * t:9.2f} {t / dense:9.3f}x")
 

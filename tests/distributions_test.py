@@ -66,8 +66,8 @@ def test_uniform_counts_are_exact():
   scores = _scores([(13, 17), (40, 3), (7,)])
   masks = jax.jit(lambda s: sj.topk_masks(s, 0.7, "uniform"))(scores)
   for name, m in masks.items():
-    n = m.size
-    assert int(m.sum()) == int(np.round(np.float32(1 - np.float32(0.7)) * np.float32(n)))
+    kept = int(np.round(np.float32(1 - np.float32(0.7)) * np.float32(m.size)))
+    assert int(m.sum()) == kept, name
 
 
 def test_topk_masks_keeps_largest_and_none_leaves():

@@ -2,9 +2,11 @@
 
 `topk_mask(scores, k)` returns a boolean mask with exactly ``k`` True entries:
 the ``k`` largest scores, ties broken by lower flat index, NaN ranked below
-``-inf``, subnormal scores counted as zero. That is the result of a stable descending argsort, which is what
-small leaves use. Large leaves never sort: scores map to order-preserving
-uint32 keys and a search finds a threshold with
+``-inf``, subnormal scores counted as zero. That is the result of a stable
+descending argsort, which is what small leaves use. Large leaves never sort:
+a search over the order-preserving uint32 keys of the scores (thresholds are
+keys, compared against the float scores, so no key array is materialized)
+finds a threshold with
 
 1. a bracket from a sorted pseudo-random sample of 4096 keys (2 counting passes),
 2. interpolation on the count of keys above a threshold, falling back to a
@@ -54,8 +56,10 @@ def keys(scores: jax.Array) -> jax.Array:
 
 
 def _key_value(t: jax.Array) -> jax.Array:
-  """The smallest float32 whose key is >= t: compares on sanitized scores
-  then match compares on keys, and no key array is ever materialized."""
+  """The smallest float32 whose key is >= t.
+
+  ``s >= _key_value(t)`` on sanitized scores equals ``keys(s) >= t``.
+  """
   positive = t >= jnp.uint32(0x80000000)
   bits = jnp.where(positive, t & jnp.uint32(0x7FFFFFFF), ~t)
   value = lax.bitcast_convert_type(bits, jnp.float32)
