@@ -4,6 +4,9 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 import numpy as np
 import pytest
 
@@ -133,3 +136,20 @@ def test_subnormal_scores_count_as_zero_on_both_paths(searched):
   want = reference_mask(np.where(np.abs(s) < np.finfo(np.float32).tiny, 0.0, s), 10)
   np.testing.assert_array_equal(np.asarray(searched(s, 10)), want)
   np.testing.assert_array_equal(np.asarray(jax.jit(sj.topk_mask)(s, 10)), want)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    values=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=12),
+                      elements=st.sampled_from([-np.inf, -2.0, -0.0, 0.0, 0.5, 1.0, 3.0, np.nan])
+                      | st.floats(-1e3, 1e3, width=32)),
+    fraction=st.floats(0.0, 1.0))
+def test_search_equals_argsort_property(values, fraction):
+  k = int(round(fraction * values.size))
+  original = topk.SORT_MAX_SIZE
+  topk.SORT_MAX_SIZE = 0  # force the searched path; a fresh lambda forces a fresh trace
+  try:
+    mask = np.asarray(jax.jit(lambda s, k: topk.topk_mask(s, k))(values, k))
+  finally:
+    topk.SORT_MAX_SIZE = original
+  np.testing.assert_array_equal(mask, reference_mask(values, k))
