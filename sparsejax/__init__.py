@@ -4,6 +4,18 @@ from sparsejax._src.distributions import ERK as ERK
 from sparsejax._src.distributions import Global as Global
 from sparsejax._src.distributions import Uniform as Uniform
 from sparsejax._src.distributions import topk_masks as topk_masks
+from sparsejax._src.dst import DropAndGrowState as DropAndGrowState
+from sparsejax._src.dst import UpdateContext as UpdateContext
+from sparsejax._src.dst import drop_and_grow as drop_and_grow
+from sparsejax._src.dst import gradient_score as gradient_score
+from sparsejax._src.dst import granet as granet
+from sparsejax._src.dst import magnitude_score as magnitude_score
+from sparsejax._src.dst import random_score as random_score
+from sparsejax._src.dst import rigl as rigl
+from sparsejax._src.dst import set_evolution as set_evolution
+from sparsejax._src.granularity import Block as Block
+from sparsejax._src.granularity import Channel as Channel
+from sparsejax._src.granularity import block_mask as block_mask
 from sparsejax._src.masks import apply_masks as apply_masks
 from sparsejax._src.masks import init_masks as init_masks
 from sparsejax._src.masks import summary as summary
@@ -18,26 +30,42 @@ from sparsejax._src.sparsify import SparsifyState as SparsifyState
 from sparsejax._src.sparsify import SparsityMethod as SparsityMethod
 from sparsejax._src.sparsify import get_masks as get_masks
 from sparsejax._src.sparsify import sparsify as sparsify
+from sparsejax._src.srigl import SRigLState as SRigLState
+from sparsejax._src.srigl import srigl as srigl
 from sparsejax._src.topk import topk_mask as topk_mask
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "Block",
+    "Channel",
+    "DropAndGrowState",
     "ERK",
     "Global",
+    "SRigLState",
     "SparsifyState",
     "SparsityMethod",
     "Uniform",
+    "UpdateContext",
     "apply_masks",
+    "block_mask",
+    "drop_and_grow",
     "get_masks",
+    "gradient_score",
+    "granet",
     "init_masks",
     "magnitude",
+    "magnitude_score",
     "nnx_filter",
     "one_shot",
     "path_pattern",
     "polynomial_schedule",
+    "random_score",
+    "rigl",
+    "set_evolution",
     "snip",
     "sparsify",
+    "srigl",
     "static_random",
     "summary",
     "topk_mask",

@@ -26,6 +26,8 @@ class Entry:
   # Sparsity the masks must have after the update call with this count.
   sparsity_at: Callable[[int], float]
   distribution: str
+  # Kept entries per leaf when a method counts otherwise (SRigL: per neuron).
+  kept: Callable[[list, float], list] | None = None
 
 
 def _every(n, schedule):
@@ -49,6 +51,33 @@ METHODS = {
         lambda step: 0.75 if step >= 3 else 0.0, "uniform"),
     "snip_global": Entry(lambda: sj.snip(0.85), lambda step: 0.85, "global"),
     "snip_erk": Entry(lambda: sj.snip(0.85, "erk"), lambda step: 0.85, "erk"),
+    "set_erk": Entry(
+        lambda: sj.set_evolution(0.8, end_step=9, update_every=2, key=jax.random.key(2)),
+        lambda step: 0.8, "erk"),
+    "rigl_uniform": Entry(
+        lambda: sj.rigl(0.8, end_step=9, update_every=2, distribution="uniform",
+                        key=jax.random.key(3)),
+        lambda step: 0.8, "uniform"),
+    "rigl_block": Entry(
+        lambda: sj.rigl(0.75, end_step=9, update_every=2, distribution="uniform",
+                        granularity=sj.Block((8, 1)), key=jax.random.key(3)),
+        lambda step: 0.75, "uniform_blocks_8x1"),
+    "granet_dense_to_sparse": Entry(
+        lambda: sj.granet(0.9, end_step=8, update_every=2, key=jax.random.key(4)),
+        lambda step: float(sj.polynomial_schedule(0.0, 0.9, 0, 8)(2 * (min(step, 8) // 2))),
+        "erk"),
+    "granet_sparse_to_sparse": Entry(
+        lambda: sj.granet(0.9, init_sparsity=0.5, end_step=8, update_every=2,
+                          distribution="uniform", key=jax.random.key(5)),
+        lambda step: float(sj.polynomial_schedule(0.5, 0.9, 0, 8)(2 * (min(step, 8) // 2))),
+        "uniform"),
+    "srigl": Entry(
+        lambda: sj.srigl(0.8, end_step=9, update_every=2, ablation_threshold=0.0,
+                         key=jax.random.key(6)),
+        lambda step: 0.8, "erk",
+        kept=lambda shapes, s: [
+            int(np.round(np.float32(d) * np.float32(np.prod(shape[:-1])))) * shape[-1]
+            for d, shape in zip(sj.ERK().densities(shapes, s), shapes)]),
 }
 
 OPTIMIZERS = {
@@ -88,6 +117,8 @@ def batches(n, seed=0):
 def expected_kept(distribution, shapes, sparsity):
   """Exact kept counts per leaf (or the total, for global) in float32 as the library rounds."""
   keep = lambda d, n: int(np.round(np.float32(d) * np.float32(n)))
+  if distribution == "uniform_blocks_8x1":
+    return [8 * keep(np.float32(1) - np.float32(sparsity), int(np.prod(s)) // 8) for s in shapes]
   if distribution == "uniform":
     return [keep(np.float32(1) - np.float32(sparsity), int(np.prod(s))) for s in shapes]
   if distribution == "erk":
@@ -100,7 +131,11 @@ def expected_kept(distribution, shapes, sparsity):
 def assert_exact(masks, params, entry, step):
   sparse = [(m, p) for m, p in zip(jax.tree.leaves(masks), _sparsified(masks, params))]
   counts = [int(m.sum()) for m, _ in sparse]
-  want = expected_kept(entry.distribution, [m.shape for m, _ in sparse], entry.sparsity_at(step))
+  shapes = [m.shape for m, _ in sparse]
+  if entry.kept is not None:
+    want = entry.kept(shapes, entry.sparsity_at(step))
+  else:
+    want = expected_kept(entry.distribution, shapes, entry.sparsity_at(step))
   if entry.distribution == "global":
     assert sum(counts) == want, f"step {step}: {counts} do not sum to {want}"
   else:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._src import granularity as granularities
 from sparsejax._src import pytree
 from sparsejax._src import schedules
 from sparsejax._src import topk
@@ -57,8 +58,14 @@ class _Distribution:
     _check_overrides(self.overrides)
 
   def counts(self, paths: Sequence[pytree.Path], scores: Sequence[jax.Array],
-             sparsity: jax.Array, step: jax.Array) -> list[jax.Array]:
-    """Entries to keep per leaf, as int32 scalars."""
+             sparsity: jax.Array, step: jax.Array,
+             shapes: Sequence[tuple[int, ...]] | None = None) -> list[jax.Array]:
+    """Units to keep per leaf, as int32 scalars.
+
+    `scores` hold one score per unit; `shapes` are the leaves' own shapes
+    (they set ERK's densities), by default the scores' shapes.
+    """
+    shapes = [a.shape for a in scores] if shapes is None else list(shapes)
     names = [pytree.path_str(p) for p in paths]
     fixed: dict[int, jax.Array] = {}
     for pattern, value in (self.overrides or {}).items():
@@ -74,11 +81,11 @@ class _Distribution:
     out = {i: _kept(1.0 - s, scores[i].size) for i, s in fixed.items()}
     out.update((i, jnp.int32(0)) for i in empty)
     if pool:
-      pooled = self._pool_counts([scores[i] for i in pool], sparsity)
+      pooled = self._pool_counts([scores[i] for i in pool], sparsity, [shapes[i] for i in pool])
       out.update(zip(pool, pooled))
     return [out[i] for i in range(len(scores))]
 
-  def _pool_counts(self, scores, sparsity):
+  def _pool_counts(self, scores, sparsity, shapes):
     raise NotImplementedError
 
 
@@ -90,7 +97,8 @@ class Uniform(_Distribution):
     >>> method = sj.magnitude(0.9, distribution=sj.Uniform(overrides={"head": 0.5}))
   """
 
-  def _pool_counts(self, scores, sparsity):
+  def _pool_counts(self, scores, sparsity, shapes):
+    del shapes
     return [_kept(1.0 - sparsity, s.size) for s in scores]
 
 
@@ -142,8 +150,8 @@ class ERK(_Distribution):
     return [jnp.where(position[i] < j, 1.0, jnp.minimum(eps_j * np.float32(raw[i]), 1.0))
             for i in range(n_leaves)]
 
-  def _pool_counts(self, scores, sparsity):
-    densities = self.densities([s.shape for s in scores], sparsity)
+  def _pool_counts(self, scores, sparsity, shapes):
+    densities = self.densities(shapes, sparsity)
     return [_kept(d, s.size) for d, s in zip(densities, scores)]
 
 
@@ -168,7 +176,8 @@ class Global(_Distribution):
     _check_static("min_density", self.min_density)
     schedules.check_fraction("min_density", self.min_density, closed=True)
 
-  def _pool_counts(self, scores, sparsity):
+  def _pool_counts(self, scores, sparsity, shapes):
+    del shapes
     sizes = [s.size for s in scores]
     n_pool = sum(sizes)
     if n_pool > topk._MAX_SIZE:  # pylint: disable=protected-access
@@ -199,7 +208,8 @@ def as_distribution(distribution: DistributionLike) -> _Distribution:
 
 
 def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
-               distribution: DistributionLike = "uniform", *, step: Any = 0) -> pytree.PyTree:
+               distribution: DistributionLike = "uniform", *, step: Any = 0,
+               granularity: granularities.Granularity = None) -> pytree.PyTree:
   """Masks keeping the highest-scoring entries, split over leaves by `distribution`.
 
   Args:
@@ -208,10 +218,12 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
       schedule evaluated at `step`.
     distribution: "uniform", "erk", "global", or a `Uniform`/`ERK`/`Global`.
     step: the step at which schedules (sparsity, overrides) are evaluated.
+    granularity: None for single entries, or `Block`/`Channel`: scores are
+      pooled per unit and whole units are kept; counts are in units.
 
   Returns:
     a masks pytree: bool arrays with exactly the distribution's count of True
-    entries per leaf (ties to the lower flat index), ``None`` where `scores`
+    units per leaf (ties to the lower flat index), ``None`` where `scores`
     is ``None``.
 
   Example:
@@ -228,9 +240,13 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
   for path, a in zip(paths, arrays):
     if not jnp.issubdtype(a.dtype, jnp.floating):
       raise ValueError(f"{pytree.describe(path, 'scores')}: scores must be floating, got {a.dtype}")
+  unit = granularities.as_granularity(granularity)
+  for path, a in zip(paths, arrays):
+    unit.check(path, a.shape)
+  units = [unit.pool(a) for a in arrays]
   s = schedules.as_schedule(sparsity)(step)
-  counts = dist.counts(paths, arrays, s, step)
+  counts = dist.counts(paths, units, s, step, shapes=[a.shape for a in arrays])
   out = [None] * len(leaves)
-  for i, a, k in zip(scored, arrays, counts):
-    out[i] = topk.topk_mask(a, k)
+  for i, a, u, k in zip(scored, arrays, units, counts):
+    out[i] = unit.expand(topk.topk_mask(u, k), a.shape)
   return jax.tree_util.tree_unflatten(treedef, out)

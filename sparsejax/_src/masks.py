@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax._src import distributions
+from sparsejax._src import granularity as granularities
 from sparsejax._src import pytree
 from sparsejax._src import schedules
 from sparsejax._src import scores
@@ -56,6 +57,7 @@ def init_masks(
     *,
     key: jax.Array,
     where: pytree.Where | str | Sequence[str] | None = None,
+    granularity: granularities.Granularity = None,
 ) -> PyTree:
   """Random masks with an exact number of kept entries per leaf.
 
@@ -66,6 +68,7 @@ def init_masks(
     key: a JAX PRNG key.
     where: which leaves to sparsify: a callable ``(path, leaf) -> bool``, a path
       pattern, or None for floating leaves with ndim >= 2.
+    granularity: None (entries), `sj.Block(...)` or `sj.Channel(...)`.
 
   Returns:
     a masks pytree for `params`.
@@ -75,7 +78,8 @@ def init_masks(
     >>> params = sj.apply_masks(params, masks)
   """
   template = pytree.full_masks(params, where)
-  return distributions.topk_masks(scores.random(template, key), sparsity, distribution)
+  return distributions.topk_masks(scores.random(template, key), sparsity, distribution,
+                                  granularity=granularity)
 
 
 def summary(params: PyTree, masks: PyTree | None = None) -> str:

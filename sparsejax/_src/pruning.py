@@ -6,14 +6,18 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import distributions
+from sparsejax._src import granularity as granularities
 from sparsejax._src import schedules
 from sparsejax._src import scores
 from sparsejax._src import sparsify
 
-_all_true = lambda params: jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
+def all_true(params):
+  """All-True masks for (restricted) params."""
+  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
 
 
-def _check_key(key: jax.Array) -> None:
+def check_key(key: jax.Array) -> None:
+  """Raises ValueError unless `key` is a JAX PRNG key (typed or raw uint32[2])."""
   ok = isinstance(key, jax.Array) and (
       jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
       or (key.dtype == jnp.uint32 and key.shape == (2,)))
@@ -26,6 +30,7 @@ def static_random(
     distribution: distributions.DistributionLike = "uniform",
     *,
     key: jax.Array,
+    granularity: granularities.Granularity = None,
 ) -> sparsify.SparsityMethod:
   """A random mask drawn at init and kept fixed.
 
@@ -33,6 +38,7 @@ def static_random(
     sparsity: sparsity in [0, 1) (a schedule is read at step 0).
     distribution: "uniform", "erk", "global" or a distribution instance.
     key: PRNG key; the same key gives the same mask.
+    granularity: None (entries), `sj.Block(...)` or `sj.Channel(...)`.
 
   Returns:
     a `SparsityMethod` for `sparsify`.
@@ -42,11 +48,13 @@ def static_random(
   """
   schedules.check_fraction("sparsity", sparsity)
   dist = distributions.as_distribution(distribution)
-  _check_key(key)
+  granularities.as_granularity(granularity)
+  check_key(key)
 
   def init(params):
-    masks = _all_true(params)
-    return distributions.topk_masks(scores.random(masks, key), sparsity, dist), None
+    masks = all_true(params)
+    return distributions.topk_masks(scores.random(masks, key), sparsity, dist,
+                                    granularity=granularity), None
 
   return sparsify.SparsityMethod(
       init=init,
@@ -58,6 +66,8 @@ def magnitude(
     sparsity: schedules.ScalarOrSchedule,
     update_every: int = 100,
     distribution: distributions.DistributionLike = "uniform",
+    *,
+    granularity: granularities.Granularity = None,
 ) -> sparsify.SparsityMethod:
   """Magnitude pruning: keep the largest ``|w|``, one-shot or gradual.
 
@@ -74,6 +84,8 @@ def magnitude(
     sparsity: a float in [0, 1) or a schedule ``step -> sparsity``.
     update_every: steps between mask updates, >= 1.
     distribution: "uniform", "erk", "global" or a distribution instance.
+    granularity: None (entries), `sj.Block(...)` or `sj.Channel(...)`: whole
+      tiles or channels pruned by their mean (or max) magnitude.
 
   Returns:
     a `SparsityMethod` for `sparsify`.
@@ -85,15 +97,17 @@ def magnitude(
   schedules.check_fraction("sparsity", sparsity)
   schedules.check_positive_int("update_every", update_every)
   dist = distributions.as_distribution(distribution)
+  granularities.as_granularity(granularity)
 
   def init(params):
-    masks = _all_true(params)
-    return distributions.topk_masks(scores.magnitude(params, masks), sparsity, dist), None
+    masks = all_true(params)
+    return distributions.topk_masks(scores.magnitude(params, masks), sparsity, dist,
+                                    granularity=granularity), None
 
   def update(masks, state, params, grads, step):
     del grads
-    return distributions.topk_masks(
-        scores.magnitude(params, masks), sparsity, dist, step=step), state
+    return distributions.topk_masks(scores.magnitude(params, masks), sparsity, dist, step=step,
+                                    granularity=granularity), state
 
   return sparsify.SparsityMethod(
       init=init,
@@ -104,6 +118,8 @@ def magnitude(
 def snip(
     sparsity: schedules.ScalarOrSchedule,
     distribution: distributions.DistributionLike = "global",
+    *,
+    granularity: granularities.Granularity = None,
 ) -> sparsify.SparsityMethod:
   """SNIP: one-shot pruning by connection sensitivity ``|w * g|``.
 
@@ -117,6 +133,7 @@ def snip(
   Args:
     sparsity: a float in [0, 1) (a schedule is read at step 0).
     distribution: "global" (default), "uniform", "erk" or an instance.
+    granularity: None (entries), `sj.Block(...)` or `sj.Channel(...)`.
 
   Returns:
     a `SparsityMethod` for `sparsify`.
@@ -126,12 +143,13 @@ def snip(
   """
   schedules.check_fraction("sparsity", sparsity)
   dist = distributions.as_distribution(distribution)
+  granularities.as_granularity(granularity)
 
   def update(masks, state, params, grads, step):
-    return distributions.topk_masks(
-        scores.saliency(params, grads, masks), sparsity, dist, step=step), state
+    return distributions.topk_masks(scores.saliency(params, grads, masks), sparsity, dist,
+                                    step=step, granularity=granularity), state
 
   return sparsify.SparsityMethod(
-      init=lambda params: (_all_true(params), None),
+      init=lambda params: (all_true(params), None),
       update=update,
       should_update=lambda step: step == 0)
