@@ -4,7 +4,8 @@ The sparsity method is an optax transformation: `nnx.Optimizer` drives it and
 the training step has no sparsity-specific code at all.
 
   python examples/train_mlp.py --method=magnitude --sparsity=0.9
-  python examples/train_mlp.py --method=snip --sparsity=0.95 --plot
+  python examples/train_mlp.py --method=rigl --sparsity=0.95 --plot
+  python examples/train_mlp.py --method=rigl --granularity=block   # 4x4 tiles
   python examples/train_mlp.py --dataset=npz --data_path=mnist.npz   # your own data
 
 `--dataset=npz` reads a local .npz with arrays x_train, y_train, x_test and
@@ -22,13 +23,17 @@ import optax
 from flax import nnx
 
 import sparsejax as sj
-
-METHODS = ("dense", "static_random", "magnitude", "snip")
+from _common import load_data, make_method, METHODS  # pylint: disable=g-multiple-import
 
 _METHOD = flags.DEFINE_enum("method", "magnitude", METHODS, "Sparsity method.")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Target sparsity of the sparsified leaves.")
 _DISTRIBUTION = flags.DEFINE_enum("distribution", "erk", ("uniform", "erk", "global"),
                                   "How the sparsity is split over layers.")
+_GRANULARITY = flags.DEFINE_enum(
+    "granularity", "element", ("element", "block", "channel"),
+    "Unit of sparsity. block: --block_shape tiles; channel: whole hidden neurons. Structured "
+    "runs sparsify the two hidden kernels and keep the classifier dense.")
+_BLOCK_SHAPE = flags.DEFINE_list("block_shape", ["4", "4"], "Tile shape for --granularity=block.")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.")
@@ -37,24 +42,6 @@ _DATASET = flags.DEFINE_enum("dataset", "digits", ("digits", "npz"), "Dataset.")
 _DATA_PATH = flags.DEFINE_string("data_path", None, "Path of the .npz for --dataset=npz.")
 _PLOT = flags.DEFINE_bool("plot", False, "Write a PNG of accuracy and sparsity over steps.")
 _PLOT_PATH = flags.DEFINE_string("plot_path", "train_mlp.png", "Where --plot writes.")
-
-
-def load_data(dataset, path, seed):
-  """Returns (x_train, y_train, x_test, y_test) as float32 features and int labels."""
-  if dataset == "digits":
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
-    split = int(0.8 * len(x))
-    return x[:split], y[:split], x[split:], y[split:]
-  if not path:
-    raise app.UsageError("--dataset=npz needs --data_path")
-  with np.load(path) as data:
-    xs = [data[k].reshape(len(data[k]), -1).astype(np.float32) for k in ("x_train", "x_test")]
-    scale = max(float(xs[0].max()), 1.0)
-    return xs[0] / scale, data["y_train"], xs[1] / scale, data["y_test"]
 
 
 class MLP(nnx.Module):
@@ -69,20 +56,6 @@ class MLP(nnx.Module):
     x = jax.nn.relu(self.hidden1(x))
     x = jax.nn.relu(self.hidden2(x))
     return self.out(x)
-
-
-def make_method(name, sparsity, distribution, total_steps, key):
-  if name == "static_random":
-    return sj.static_random(sparsity, distribution, key=key)
-  if name == "magnitude":
-    # Gradual pruning over the first 60% of training, as in Zhu & Gupta.
-    schedule = sj.polynomial_schedule(0.0, sparsity, begin_step=total_steps // 10,
-                                      end_step=6 * total_steps // 10)
-    return sj.magnitude(schedule, update_every=max(total_steps // 50, 1),
-                        distribution=distribution)
-  if name == "snip":
-    return sj.snip(sparsity, distribution)
-  raise ValueError(name)
 
 
 @nnx.jit
@@ -109,6 +82,8 @@ def kernel_sparsity(model):
 
 def main(argv):
   del argv
+  if _DATASET.value == "npz" and not _DATA_PATH.value:
+    raise app.UsageError("--dataset=npz needs --data_path")
   x_train, y_train, x_test, y_test = load_data(_DATASET.value, _DATA_PATH.value, _SEED.value)
   classes = int(max(y_train.max(), y_test.max())) + 1
   steps_per_epoch = len(x_train) // _BATCH_SIZE.value
@@ -118,13 +93,20 @@ def main(argv):
   model = MLP(x_train.shape[1], classes, nnx.Rngs(_SEED.value))
   tx = optax.adam(_LEARNING_RATE.value)
   if _METHOD.value != "dense":
-    method = make_method(_METHOD.value, _SPARSITY.value, _DISTRIBUTION.value, total_steps, key)
-    tx = sj.sparsify(tx, method)  # sparsifies the kernels; biases stay dense
+    granularity, where = None, None  # every kernel, entry by entry; biases stay dense
+    if _GRANULARITY.value == "block":
+      granularity, where = sj.Block(tuple(int(b) for b in _BLOCK_SHAPE.value)), "hidden.*kernel"
+    elif _GRANULARITY.value == "channel":
+      granularity, where = sj.Channel(axis=-1), "hidden.*kernel"
+    method = make_method(_METHOD.value, _SPARSITY.value, _DISTRIBUTION.value, total_steps, key,
+                         granularity)
+    tx = sj.sparsify(tx, method, where=where)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   print(f"{_METHOD.value} on {_DATASET.value}: {len(x_train)} train / {len(x_test)} test, "
         f"{total_steps} steps, target sparsity "
-        f"{0.0 if _METHOD.value == 'dense' else _SPARSITY.value:.2f} ({_DISTRIBUTION.value})")
+        f"{0.0 if _METHOD.value == 'dense' else _SPARSITY.value:.2f} ({_DISTRIBUTION.value}, "
+        f"{_GRANULARITY.value})")
   history = {"step": [], "sparsity": [], "epoch_step": [], "test_acc": []}
   rng = np.random.default_rng(_SEED.value)
   start = time.perf_counter()

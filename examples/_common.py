@@ -1,0 +1,70 @@
+"""Data and method set-up shared by the examples (no flags here)."""
+
+import numpy as np
+
+import sparsejax as sj
+
+METHODS = ("dense", "static_random", "magnitude", "snip", "set_evolution", "rigl", "granet",
+           "srigl")
+
+
+def load_data(dataset="digits", path=None, seed=0):
+  """Returns (x_train, y_train, x_test, y_test): float32 features in [0, 1], int labels.
+
+  "digits" is scikit-learn's bundled 8x8 digits (1797 images, no download),
+  split 80/20 by `seed`. "npz" reads a local .npz with x_train, y_train, x_test
+  and y_test (the layout of Keras' mnist.npz).
+  """
+  if dataset == "digits":
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order].astype(np.int32)
+    split = int(0.8 * len(x))
+    return x[:split], y[:split], x[split:], y[split:]
+  if dataset == "npz":
+    if not path:
+      raise ValueError("dataset 'npz' needs a path")
+    with np.load(path) as data:
+      xs = [data[k].reshape(len(data[k]), -1).astype(np.float32) for k in ("x_train", "x_test")]
+      scale = max(float(xs[0].max()), 1.0)
+      return (xs[0] / scale, data["y_train"].astype(np.int32), xs[1] / scale,
+              data["y_test"].astype(np.int32))
+  raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def make_method(name, sparsity, distribution, total_steps, key, granularity=None):
+  """The example's configuration of each method for a run of `total_steps`.
+
+  Pruning methods reach their sparsity by 60% of training; dynamic methods
+  update every 2% of training and stop at 75%, as in RigL.
+  """
+  every = max(total_steps // 50, 1)
+  end = 3 * total_steps // 4
+  if name == "static_random":
+    return sj.static_random(sparsity, distribution, key=key, granularity=granularity)
+  if name == "magnitude":
+    schedule = sj.polynomial_schedule(0.0, sparsity, begin_step=total_steps // 10,
+                                      end_step=6 * total_steps // 10)
+    return sj.magnitude(schedule, every, distribution, granularity=granularity)
+  if name == "snip":
+    return sj.snip(sparsity, distribution, granularity=granularity)
+  if name == "set_evolution":
+    return sj.set_evolution(sparsity, end_step=end, update_every=every,
+                            distribution=distribution, granularity=granularity, key=key)
+  if name == "rigl":
+    return sj.rigl(sparsity, end_step=end, update_every=every, distribution=distribution,
+                   granularity=granularity, key=key)
+  if name == "granet":
+    return sj.granet(sparsity, end_step=6 * total_steps // 10, update_every=every,
+                     distribution=distribution, granularity=granularity, key=key)
+  if name == "srigl":
+    if granularity is not None:
+      raise ValueError("srigl is structured already (constant fan-in); use no granularity")
+    if distribution == "global":
+      distribution = "erk"
+    return sj.srigl(sparsity, end_step=end, update_every=every, distribution=distribution,
+                    key=key)
+  raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+
