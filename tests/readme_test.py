@@ -25,3 +25,21 @@ def test_quickstart_runs(capsys):
                (masks["out"]["kernel"], params["out"]["kernel"])]:
     assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
   assert "total (sparsified leaves)" in capsys.readouterr().out
+
+
+def test_writing_a_method_blocks_run():
+  readme = (ROOT / "README.md").read_text()
+  section = readme.split("## Writing a method")[1].split("\n## ")[0]
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import sparsejax as sj  # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.arange(64.0).reshape(8, 8) / 64}
+  for code in re.findall(r"```python\n(.*?)```", section, re.S):
+    scope = {"jax": jax, "jnp": jnp, "sj": sj}
+    exec(compile(code, "README method", "exec"), scope)  # pylint: disable=exec-used
+    method = scope["method"] if "method" in scope else scope["gradient_pruning"](0.5)
+    tx = sj.sparsify(optax.sgd(0.1), method)
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = jax.jit(tx.update)(params, state, params)
+    assert int(sj.get_masks(state)["w"].sum()) in (6, 32)
