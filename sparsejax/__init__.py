@@ -19,6 +19,16 @@ from sparsejax._src.granularity import block_mask as block_mask
 from sparsejax._src.masks import apply_masks as apply_masks
 from sparsejax._src.masks import init_masks as init_masks
 from sparsejax._src.masks import summary as summary
+from sparsejax._src.n_m import NMCompressed as NMCompressed
+from sparsejax._src.n_m import NMState as NMState
+from sparsejax._src.n_m import compress_n_m as compress_n_m
+from sparsejax._src.n_m import decompress_n_m as decompress_n_m
+from sparsejax._src.n_m import mask_flips as mask_flips
+from sparsejax._src.n_m import n_m as n_m
+from sparsejax._src.n_m import n_m_mask as n_m_mask
+from sparsejax._src.n_m import n_m_matmul as n_m_matmul
+from sparsejax._src.n_m import piecewise as piecewise
+from sparsejax._src.n_m import transposable_n_m_mask as transposable_n_m_mask
 from sparsejax._src.pruning import magnitude as magnitude
 from sparsejax._src.pruning import snip as snip
 from sparsejax._src.pruning import static_random as static_random
@@ -29,9 +39,11 @@ from sparsejax._src.schedules import polynomial_schedule as polynomial_schedule
 from sparsejax._src.sparsify import SparsifyState as SparsifyState
 from sparsejax._src.sparsify import SparsityMethod as SparsityMethod
 from sparsejax._src.sparsify import get_masks as get_masks
+from sparsejax._src.sparsify import sparse_params as sparse_params
 from sparsejax._src.sparsify import sparsify as sparsify
 from sparsejax._src.srigl import SRigLState as SRigLState
 from sparsejax._src.srigl import srigl as srigl
+from sparsejax._src.ste import masked_weight as masked_weight
 from sparsejax._src.topk import topk_mask as topk_mask
 
 __version__ = "0.1.0"
@@ -42,6 +54,8 @@ __all__ = (
     "DropAndGrowState",
     "ERK",
     "Global",
+    "NMCompressed",
+    "NMState",
     "SRigLState",
     "SparsifyState",
     "SparsityMethod",
@@ -49,6 +63,8 @@ __all__ = (
     "UpdateContext",
     "apply_masks",
     "block_mask",
+    "compress_n_m",
+    "decompress_n_m",
     "drop_and_grow",
     "get_masks",
     "gradient_score",
@@ -56,18 +72,26 @@ __all__ = (
     "init_masks",
     "magnitude",
     "magnitude_score",
+    "mask_flips",
+    "masked_weight",
+    "n_m",
+    "n_m_mask",
+    "n_m_matmul",
     "nnx_filter",
     "one_shot",
     "path_pattern",
+    "piecewise",
     "polynomial_schedule",
     "random_score",
     "rigl",
     "set_evolution",
     "snip",
+    "sparse_params",
     "sparsify",
     "srigl",
     "static_random",
     "summary",
     "topk_mask",
     "topk_masks",
+    "transposable_n_m_mask",
 )

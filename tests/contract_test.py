@@ -71,6 +71,12 @@ METHODS = {
                           distribution="uniform", key=jax.random.key(5)),
         lambda step: float(sj.polynomial_schedule(0.5, 0.9, 0, 8)(2 * (min(step, 8) // 2))),
         "uniform"),
+    **{f"n_m_{estimator}": Entry(
+        lambda estimator=estimator: sj.n_m(
+            2, 4, axis=-2, estimator=estimator,
+            grad_scale=optax.linear_schedule(1.0, 0.0, 6) if estimator == "decay" else None),
+        lambda step: 0.5, "n_m", kept=lambda shapes, s: [int(np.prod(x)) // 2 for x in shapes])
+       for estimator in ("hard", "ste", "sr_ste", "decay")},
     "srigl": Entry(
         lambda: sj.srigl(0.8, end_step=9, update_every=2, ablation_threshold=0.0,
                          key=jax.random.key(6)),
@@ -145,6 +151,21 @@ def assert_exact(masks, params, entry, step):
     assert np.all(p[~np.asarray(m)] == 0), f"step {step}: a pruned weight is nonzero"
 
 
+def is_dense(entry):
+  """Straight-through methods keep params dense; the checks use the exported model."""
+  return entry.make().dense_params
+
+
+def forward_params(params, state, entry):
+  """What the forward pass sees: straight-through masked params for dense methods."""
+  return sj.apply_masks(params, sj.get_masks(state), ste=True) if is_dense(entry) else params
+
+
+def checked(params, masks, entry):
+  """The params whose pruned entries must be exactly zero."""
+  return sj.apply_masks(params, masks) if is_dense(entry) else params
+
+
 def _sparsified(masks, params):
   return [p for m, p in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None),
                             jax.tree.leaves(params)) if m is not None]
@@ -152,11 +173,12 @@ def _sparsified(masks, params):
 
 def train(tx, entry, params, n_steps=10, check=True):
   state = jax.jit(tx.init)(params)
-  params = sj.apply_masks(params, sj.get_masks(state))
+  if not is_dense(entry):  # straight-through methods keep dense shadow weights
+    params = sj.apply_masks(params, sj.get_masks(state))
 
   @jax.jit
   def step(params, state, batch):
-    grads = jax.grad(loss_fn)(params, batch)
+    grads = jax.grad(lambda p: loss_fn(forward_params(p, state, entry), batch))(params)
     updates, state = tx.update(grads, state, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
     return optax.apply_updates(params, updates), state
@@ -164,7 +186,13 @@ def train(tx, entry, params, n_steps=10, check=True):
   for i, batch in enumerate(batches(n_steps)):
     params, state = step(params, state, batch)
     if check:
-      assert_exact(sj.get_masks(state), params, entry, i)
+      masks = sj.get_masks(state)
+      assert_exact(masks, checked(params, masks, entry), entry, i)
+  if check and is_dense(entry):  # shadow weights stay dense
+    masks = sj.get_masks(state)
+    pruned = [np.asarray(p)[~np.asarray(m)] for m, p in zip(jax.tree.leaves(masks),
+                                                           _sparsified(masks, params))]
+    assert all(np.count_nonzero(p) > 0 for p in pruned)
   return params, state
 
 
@@ -192,7 +220,7 @@ def test_state_is_stable_and_never_retraced(name):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(params, state, batch, pred):
-    grads = jax.grad(loss_fn)(params, batch)
+    grads = jax.grad(lambda p: loss_fn(forward_params(p, state, entry), batch))(params)
     # Under a random lax.cond the branches must agree on the state's type.
     updates, state = jax.lax.cond(
         pred, lambda: tx.update(grads, state, params),
@@ -291,18 +319,30 @@ def test_nnx_optimizer(name):
 
   @nnx.jit
   def step(model, optimizer, x, y):
-    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    if is_dense(entry):  # the forward pass sees the straight-through masked params
+      masks = sj.get_masks(optimizer.opt_state)
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def loss(params):
+        m = nnx.merge(graphdef, sj.apply_masks(params, masks, ste=True), rest)
+        return jnp.mean((m(x) - y) ** 2)
+
+      grads = jax.grad(loss)(params)
+    else:
+      grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
     optimizer.update(model, grads)
 
   for i, (x, y) in enumerate(batches(8)):
     step(model, optimizer, x, y)
     masks = sj.get_masks(optimizer.opt_state)
     params = nnx.state(model, nnx.Param)
-    assert_exact(masks, jax.tree.map(np.asarray, nnx.to_pure_dict(params)), entry, i)
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(checked(params, masks, entry)))
+    assert_exact(masks, pure, entry, i)
   assert optax.tree.get(optimizer.opt_state, "masks") is not None
   assert masks["dense0"]["bias"] is None
-  pruned = sj.apply_masks(params, masks)
-  chex.assert_trees_all_equal(nnx.to_pure_dict(pruned), nnx.to_pure_dict(params))
+  if not is_dense(entry):
+    pruned = sj.apply_masks(params, masks)
+    chex.assert_trees_all_equal(nnx.to_pure_dict(pruned), nnx.to_pure_dict(params))
 
 
 def test_nnx_filters_choose_leaves():
@@ -340,11 +380,13 @@ def test_flax_linen_params(name):
 
   @jax.jit
   def step(params, state, x, y):
-    grads = jax.grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+    grads = jax.grad(lambda p: jnp.mean((model.apply(forward_params(p, state, entry), x) - y) ** 2))(
+        params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   for i, (x, y) in enumerate(batches(8)):
     params, state = step(params, state, x, y)
-    assert_exact(sj.get_masks(state), params, entry, i)
+    masks = sj.get_masks(state)
+    assert_exact(masks, checked(params, masks, entry), entry, i)
   assert sj.get_masks(state)["params"]["Dense_0"]["bias"] is None

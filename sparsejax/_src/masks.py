@@ -19,21 +19,27 @@ from sparsejax._src import granularity as granularities
 from sparsejax._src import pytree
 from sparsejax._src import schedules
 from sparsejax._src import scores
+from sparsejax._src import ste as ste_lib
 
 PyTree = Any
 
 
-def _zero_masked(mask: jax.Array, x: Any) -> Any:
+def _zero_masked(mask: jax.Array, x: Any, ste: bool) -> Any:
   # Maps over an nnx Variable too, keeping the Variable and its metadata.
+  if ste:
+    return jax.tree.map(lambda a: ste_lib.masked_weight(a, mask), x)
   return jax.tree.map(lambda a: jnp.where(mask, a, jnp.zeros((), a.dtype)), x)
 
 
-def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+def apply_masks(params: PyTree, masks: PyTree, *, ste: bool = False) -> PyTree:
   """Params with the pruned entries set to exactly zero.
 
   Args:
     params: a pytree of arrays (flax linen params, ``nnx.state(model)``, ...).
     masks: a masks pytree for `params`, as `get_masks` or `init_masks` return.
+    ste: use the straight-through primitive `masked_weight`, so gradients
+      reach pruned entries too. Methods that keep params dense (`n_m`) need
+      this in the forward pass; the optimizer then applies their estimator.
 
   Returns:
     a pytree like `params`; dense leaves (``None`` in `masks`) are returned
@@ -46,7 +52,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     >>> params = sj.apply_masks(params, sj.get_masks(opt_state))
   """
   pytree.check_masks(masks, params)
-  return jax.tree.map(lambda m, p: p if m is None else _zero_masked(pytree.unwrap(m), p),
+  return jax.tree.map(lambda m, p: p if m is None else _zero_masked(pytree.unwrap(m), p, ste),
                       masks, params, is_leaf=lambda x: x is None or pytree.is_variable(x))
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
+from sparsejax._src import masks as masks_lib
 from sparsejax._src import pytree
 
 PyTree = Any
@@ -48,6 +49,14 @@ class SparsityMethod(NamedTuple):
       ``should_update(step)``. `grads` are the raw (unmasked) gradients.
     should_update: ``should_update(step) -> bool``: whether `update` runs at this
       step (the wrapper's count: 0 at the first `update` call).
+    dense_params: False (the default) for methods that keep params exactly
+      sparse: the wrapper zeroes pruned weights, their gradients and their
+      optimizer state. True for straight-through methods (`n_m`): params stay
+      dense, the forward pass applies the masks with
+      ``apply_masks(..., ste=True)`` and `sparse_params` exports the result.
+    estimate_grads: for dense-params methods, ``estimate_grads(grads, masks,
+      params, step) -> grads`` turns the straight-through gradient into the
+      estimator's before the inner optimizer sees it.
 
   Example:
     A method that prunes the entries with the smallest gradient every 50
@@ -68,6 +77,8 @@ class SparsityMethod(NamedTuple):
   init: Callable[[PyTree], tuple[PyTree, Any]]
   update: Callable[[PyTree, Any, PyTree, PyTree, jax.Array], tuple[PyTree, Any]]
   should_update: Callable[[jax.Array], jax.Array]
+  dense_params: bool = False
+  estimate_grads: Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree] | None = None
 
 
 class SparsifyState(NamedTuple):
@@ -186,6 +197,19 @@ def sparsify(
         jnp.asarray(method.should_update(step), jnp.bool_), change, lambda operand: operand,
         (state.masks, state.method_state))
 
+    if method.dense_params:
+      # Straight-through training: every weight trains; the estimator decides
+      # what pruned weights learn.
+      if method.estimate_grads is not None:
+        estimated = method.estimate_grads(pytree.restrict(masks, updates), masks,
+                                          pytree.restrict(masks, params), step)
+        updates = jax.tree.map(lambda m, g, e: g if m is None else e, masks, updates,
+                               estimated, is_leaf=pytree.is_none)
+      new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+      return new_updates, SparsifyState(
+          count=optax.safe_increment(step), masks=masks, inner_state=inner_state,
+          method_state=method_state)
+
     # Inactive entries hold zero optimizer state, so entries grown later
     # start from zero. (Reading only the new masks lets XLA update the
     # masks in place instead of copying them.)
@@ -211,6 +235,19 @@ def sparsify(
         method_state=method_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sparse_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
+  """The sparse model: `params` with the masks in `opt_state` applied.
+
+  For methods that keep params exactly sparse this returns them unchanged in
+  value; for straight-through methods (`n_m`), whose params stay dense, it
+  exports the trained sparse weights.
+
+  Example:
+    >>> final = sj.sparse_params(params, opt_state)
+  """
+  return masks_lib.apply_masks(params, get_masks(opt_state))
 
 
 def get_masks(opt_state: optax.OptState) -> PyTree:
