@@ -64,7 +64,8 @@ def test_masked_weight_gradients_match_hand_derivation():
   mask = jnp.array([True, False, True, False])
   cot = jnp.array([0.5, 0.25, -1.0, 2.0])
   for scale, decay in [(0.0, 0.0), (1.0, 0.0), (1.0, 0.1), (0.3, 0.1)]:
-    grad = jax.jit(jax.grad(lambda w: jnp.sum(cot * sj.masked_weight(w, mask, scale, decay))))(w)
+    f = lambda w, s=scale, d=decay: jnp.sum(cot * sj.masked_weight(w, mask, s, d))
+    grad = jax.jit(jax.grad(f))(w)
     expected = np.where(mask, cot, scale * cot + decay * w)
     np.testing.assert_allclose(grad, expected, rtol=1e-6)
   np.testing.assert_array_equal(sj.masked_weight(w, mask), [1.0, 0.0, 3.0, 0.0])
