@@ -1,11 +1,13 @@
 """Data and method set-up shared by the examples (no flags here)."""
 
 import numpy as np
+import optax
 
 import sparsejax as sj
 
 METHODS = ("dense", "static_random", "magnitude", "snip", "set_evolution", "rigl", "granet",
-           "srigl")
+           "srigl", "n_m")
+ESTIMATORS = ("hard", "ste", "sr_ste", "decay")
 
 
 def load_data(dataset="digits", path=None, seed=0):
@@ -34,11 +36,14 @@ def load_data(dataset="digits", path=None, seed=0):
   raise ValueError(f"unknown dataset {dataset!r}")
 
 
-def make_method(name, sparsity, distribution, total_steps, key, granularity=None):
+def make_method(name, sparsity, distribution, total_steps, key, granularity=None,
+                n_m=(2, 4, "sr_ste")):
   """The example's configuration of each method for a run of `total_steps`.
 
   Pruning methods reach their sparsity by 60% of training; dynamic methods
-  update every 2% of training and stop at 75%, as in RigL.
+  update every 2% of training and stop at 75%, as in RigL. `n_m` is
+  ``(n, m, estimator)`` for the N:M method (which ignores `sparsity`); its
+  decayed gradient flow reaches 0 at 75% of training.
   """
   every = max(total_steps // 50, 1)
   end = 3 * total_steps // 4
@@ -66,5 +71,9 @@ def make_method(name, sparsity, distribution, total_steps, key, granularity=None
       distribution = "erk"
     return sj.srigl(sparsity, end_step=end, update_every=every, distribution=distribution,
                     key=key)
+  if name == "n_m":
+    n, m, estimator = n_m
+    grad_scale = optax.linear_schedule(1.0, 0.0, end) if estimator == "decay" else None
+    return sj.n_m(n, m, axis=-2, estimator=estimator, grad_scale=grad_scale)
   raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
 

@@ -1,4 +1,4 @@
-r"""Trains a sparse MLP (LeNet-300-100) on scikit-learn's bundled digits dataset.
+r"""Trains a sparse MLP (64-256-128-10) on scikit-learn's bundled digits dataset.
 
 The sparsity method is an optax transformation: `nnx.Optimizer` drives it and
 the training step has no sparsity-specific code at all.
@@ -6,6 +6,7 @@ the training step has no sparsity-specific code at all.
   python examples/train_mlp.py --method=magnitude --sparsity=0.9
   python examples/train_mlp.py --method=rigl --sparsity=0.95 --plot
   python examples/train_mlp.py --method=rigl --granularity=block   # 4x4 tiles
+  python examples/train_mlp.py --method=n_m --n=2 --m=4 --estimator=sr_ste
   python examples/train_mlp.py --dataset=npz --data_path=mnist.npz   # your own data
 
 `--dataset=npz` reads a local .npz with arrays x_train, y_train, x_test and
@@ -23,7 +24,7 @@ import optax
 from flax import nnx
 
 import sparsejax as sj
-from _common import load_data, make_method, METHODS  # pylint: disable=g-multiple-import
+from _common import ESTIMATORS, load_data, make_method, METHODS  # pylint: disable=g-multiple-import
 
 _METHOD = flags.DEFINE_enum("method", "magnitude", METHODS, "Sparsity method.")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Target sparsity of the sparsified leaves.")
@@ -34,6 +35,9 @@ _GRANULARITY = flags.DEFINE_enum(
     "Unit of sparsity. block: --block_shape tiles; channel: whole hidden neurons. Structured "
     "runs sparsify the two hidden kernels and keep the classifier dense.")
 _BLOCK_SHAPE = flags.DEFINE_list("block_shape", ["4", "4"], "Tile shape for --granularity=block.")
+_N = flags.DEFINE_integer("n", 2, "--method=n_m: weights kept per group.")
+_M = flags.DEFINE_integer("m", 4, "--method=n_m: group size (along each kernel's inputs).")
+_ESTIMATOR = flags.DEFINE_enum("estimator", "sr_ste", ESTIMATORS, "--method=n_m: estimator.")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.")
@@ -45,12 +49,12 @@ _PLOT_PATH = flags.DEFINE_string("plot_path", "train_mlp.png", "Where --plot wri
 
 
 class MLP(nnx.Module):
-  """LeNet-300-100."""
+  """An MLP with two hidden layers of 256 and 128 units."""
 
   def __init__(self, features, classes, rngs):
-    self.hidden1 = nnx.Linear(features, 300, rngs=rngs)
-    self.hidden2 = nnx.Linear(300, 100, rngs=rngs)
-    self.out = nnx.Linear(100, classes, rngs=rngs)
+    self.hidden1 = nnx.Linear(features, 256, rngs=rngs)
+    self.hidden2 = nnx.Linear(256, 128, rngs=rngs)
+    self.out = nnx.Linear(128, classes, rngs=rngs)
 
   def __call__(self, x):
     x = jax.nn.relu(self.hidden1(x))
@@ -58,15 +62,28 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
-@nnx.jit
-def train_step(model, optimizer, x, y):
-  def loss_fn(model):
-    logits = model(x)
+@nnx.jit(static_argnames="straight_through")
+def train_step(model, optimizer, x, y, straight_through=False):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  masks = sj.get_masks(optimizer.opt_state) if straight_through else None
+
+  def loss_fn(params):
+    if straight_through:  # N:M keeps dense weights; the forward pass sees them masked
+      params = sj.apply_masks(params, masks, ste=True)
+    logits = nnx.merge(graphdef, params, rest)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  loss, grads = jax.value_and_grad(loss_fn)(params)
   optimizer.update(model, grads)
   return loss
+
+
+def sparse_view(model, optimizer, straight_through):
+  """The model as it is deployed: with N:M masks applied to the dense weights."""
+  if not straight_through:
+    return model
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return nnx.merge(graphdef, sj.sparse_params(params, optimizer.opt_state), rest)
 
 
 @nnx.jit
@@ -78,6 +95,12 @@ def kernel_sparsity(model):
   kernels = [np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
              if path[-1] == "kernel"]
   return 1.0 - sum(np.count_nonzero(k) for k in kernels) / sum(k.size for k in kernels)
+
+
+def mask_flips(optimizer):
+  """N:M's sparse architecture divergence: mask entries flipped at the last update."""
+  flips = optax.tree.get(optimizer.opt_state, "flips")
+  return int(np.asarray(flips.get_value() if hasattr(flips, "get_value") else flips))
 
 
 def main(argv):
@@ -99,14 +122,16 @@ def main(argv):
     elif _GRANULARITY.value == "channel":
       granularity, where = sj.Channel(axis=-1), "hidden.*kernel"
     method = make_method(_METHOD.value, _SPARSITY.value, _DISTRIBUTION.value, total_steps, key,
-                         granularity)
+                         granularity, (_N.value, _M.value, _ESTIMATOR.value))
     tx = sj.sparsify(tx, method, where=where)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  straight_through = _METHOD.value == "n_m"
 
+  target = (f"{_N.value}:{_M.value} {_ESTIMATOR.value}" if straight_through else
+            f"sparsity {0.0 if _METHOD.value == 'dense' else _SPARSITY.value:.2f} "
+            f"({_DISTRIBUTION.value}, {_GRANULARITY.value})")
   print(f"{_METHOD.value} on {_DATASET.value}: {len(x_train)} train / {len(x_test)} test, "
-        f"{total_steps} steps, target sparsity "
-        f"{0.0 if _METHOD.value == 'dense' else _SPARSITY.value:.2f} ({_DISTRIBUTION.value}, "
-        f"{_GRANULARITY.value})")
+        f"{total_steps} steps, target {target}")
   history = {"step": [], "sparsity": [], "epoch_step": [], "test_acc": []}
   rng = np.random.default_rng(_SEED.value)
   start = time.perf_counter()
@@ -115,19 +140,23 @@ def main(argv):
     losses = []
     for i in range(steps_per_epoch):
       idx = order[i * _BATCH_SIZE.value:(i + 1) * _BATCH_SIZE.value]
-      losses.append(train_step(model, optimizer, x_train[idx], y_train[idx]))
+      losses.append(train_step(model, optimizer, x_train[idx], y_train[idx], straight_through))
       if _PLOT.value:
         history["step"].append((epoch - 1) * steps_per_epoch + i + 1)
-        history["sparsity"].append(kernel_sparsity(model))
-    test_acc = float(accuracy(model, x_test, y_test))
+        history["sparsity"].append(kernel_sparsity(sparse_view(model, optimizer,
+                                                               straight_through)))
+    deployed = sparse_view(model, optimizer, straight_through)
+    test_acc = float(accuracy(deployed, x_test, y_test))
     history["epoch_step"].append(epoch * steps_per_epoch)
     history["test_acc"].append(test_acc)
+    flips = f"  mask flips {mask_flips(optimizer)}" if straight_through else ""
     print(f"epoch {epoch:3d}  loss {float(np.mean(losses)):.4f}  "
-          f"train acc {float(accuracy(model, x_train, y_train)):.4f}  test acc {test_acc:.4f}  "
-          f"kernel sparsity {kernel_sparsity(model):.4f}  {time.perf_counter() - start:6.1f}s")
+          f"train acc {float(accuracy(deployed, x_train, y_train)):.4f}  test acc {test_acc:.4f}  "
+          f"kernel sparsity {kernel_sparsity(deployed):.4f}{flips}  "
+          f"{time.perf_counter() - start:6.1f}s")
 
   print(f"\nfinal test accuracy: {history['test_acc'][-1]:.4f}")
-  params = nnx.state(model, nnx.Param)
+  params = nnx.state(sparse_view(model, optimizer, straight_through), nnx.Param)
   masks = sj.get_masks(optimizer.opt_state) if _METHOD.value != "dense" else None
   print(sj.summary(params, masks))
 
@@ -140,7 +169,7 @@ def main(argv):
     ax.plot(history["step"], history["sparsity"], label="kernel sparsity")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{_METHOD.value}, target sparsity {_SPARSITY.value}, {_DISTRIBUTION.value}")
+    ax.set_title(f"{_METHOD.value}, target {target}")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(_PLOT_PATH.value, dpi=120)

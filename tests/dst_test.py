@@ -245,3 +245,57 @@ def test_srigl_needs_a_neuron_axis():
   with pytest.raises(ValueError, match=re.escape(
       "params['d0']['bias'] has shape (32,)")):
     tx.init(make_params())
+
+
+def test_granet_reaches_final_sparsity_off_the_update_grid():
+  method = sj.granet(0.9, end_step=10, update_every=4, drop_fraction=0.0,
+                     distribution="uniform", key=jax.random.key(0))
+  history = run(method, steps=14)
+  for m in kernels(history[-1][1]):
+    assert m.sum() == round(float(np.float32(1 - np.float32(0.9)) * m.size))
+
+
+def test_srigl_keeps_its_budget_across_ablations():
+  params = {"d0": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 8, 16)),
+                   "bias": jnp.zeros(16)},
+            "d1": {"kernel": jax.random.normal(jax.random.key(2), (72, 10))}}
+  method = sj.srigl(0.9, end_step=9, update_every=2, drop_fraction=1.0, ablation_threshold=1.0,
+                    key=jax.random.key(0))
+  tx = sj.sparsify(optax.sgd(0.1), method)
+  state = tx.init(params)
+  budgets = [int(state.method_state.budget[k]["kernel"]) for k in ("d0", "d1")]
+  update = jax.jit(tx.update)
+  for i in range(9):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+    _, state = update(grads, state, params)
+    for name, budget in zip(("d0", "d1"), budgets):
+      mask = np.asarray(sj.get_masks(state)[name]["kernel"]).reshape(-1, 10 if name == "d1" else 16)
+      alive = np.asarray(state.method_state.alive[name]["kernel"])
+      rows = mask.shape[0]
+      # Ablation stops while the budget still fits the living neurons.
+      assert alive.sum() >= -(-budget // rows)
+      assert np.all(mask.sum(0)[alive] == min(budget // alive.sum(), rows))
+
+
+def test_global_distribution_needs_equal_units():
+  scores = {"big": jnp.ones((100, 4)), "small": jnp.ones((2, 4))}
+  with pytest.raises(ValueError, match="units differ .*big: 100 entries, small: 2 entries"):
+    sj.topk_masks(scores, 0.5, "global", granularity=sj.Channel(-1))
+  masks = sj.topk_masks({"a": jnp.ones((4, 8)), "b": jnp.ones((8, 8))}, 0.5, "global",
+                        granularity=sj.Block((2, 2)))  # tiles are equal everywhere
+  assert sum(int(m.sum()) for m in masks.values()) == 48
+
+
+def test_more_bad_input():
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="init_sparsity=0.9 must be <= sparsity=0.5"):
+    sj.granet(0.5, init_sparsity=0.9, end_step=10, key=key)
+  with pytest.raises(ValueError, match="end_step=None must be an integer"):
+    sj.rigl(0.9, end_step=None, key=key)
+  with pytest.raises(ValueError, match="score_state must be a pair of callables"):
+    sj.drop_and_grow(0.9, drop_score=sj.magnitude_score, grow_score=sj.gradient_score,
+                     end_step=10, key=key, score_state=(lambda m: m,))
+  with pytest.raises(ValueError, match="must be a tuple of integers"):
+    sj.Block((True, 2))
+  assert sj.Block((np.int64(4), 4)).block_shape == (4, 4)
+  assert sj.Channel(np.int64(0)).axis == 0

@@ -21,7 +21,7 @@ def run_example(name, *flags, cwd):
 
 
 @pytest.mark.parametrize("method", ["dense", "static_random", "magnitude", "snip",
-                                    "set_evolution", "rigl", "granet", "srigl"])
+                                    "set_evolution", "rigl", "granet", "srigl", "n_m"])
 def test_train_mlp_runs(method, tmp_path):
   plot = tmp_path / "curve.png"
   out = run_example("train_mlp.py", f"--method={method}", "--epochs=3", "--sparsity=0.8",
@@ -35,7 +35,10 @@ def test_train_mlp_runs(method, tmp_path):
     # Three epochs reach the target for every method (ERK and SRigL round per
     # leaf and per neuron; a kept weight can be exactly 0, so nnz <= budget).
     line = next(l for l in out.splitlines() if l.startswith("total (sparsified leaves)"))
-    assert abs(float(line.split()[-1]) - 0.2) < 0.01
+    target = 0.5 if method == "n_m" else 0.2  # n_m runs 2:4 by default
+    assert abs(float(line.split()[-1]) - target) < 0.01
+    if method == "n_m":
+      assert "mask flips" in out
   assert plot.stat().st_size > 1000
 
 
@@ -48,8 +51,10 @@ def test_train_mlp_with_blocks(tmp_path):
 
 def test_compare_methods_writes_table_and_plot(tmp_path):
   out = run_example("compare_methods.py", "--methods=rigl,snip", "--sparsities=0.9",
-                    "--seeds=2", "--epochs=2", "--output=cmp", cwd=tmp_path)
+                    "--patterns=2:4,1:8", "--estimators=hard,sr_ste", "--seeds=2", "--epochs=2",
+                    "--output=cmp", cwd=tmp_path)
   table = (tmp_path / "cmp.md").read_text()
   assert "| rigl | " in table and "| snip | " in table and "90% sparse" in table
+  assert "| sr_ste | " in table and "| 2:4 | 1:8 |" in table
   assert (tmp_path / "cmp.png").stat().st_size > 1000
   assert "dense:" in out

@@ -244,6 +244,13 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
   for path, a in zip(paths, arrays):
     unit.check(path, a.shape)
   units = [unit.pool(a) for a in arrays]
+  if isinstance(dist, Global) and len({a.size // max(u.size, 1) for a, u in zip(arrays, units)
+                                       if u.size}) > 1:
+    raise ValueError(
+        "the Global distribution ranks units against each other, so they must be of one "
+        f"size; with {granularity} the leaves' units differ ("
+        + ", ".join(f"{pytree.path_str(p)}: {a.size // max(u.size, 1)} entries"
+                    for p, a, u in zip(paths, arrays, units)) + "). Use 'uniform' or 'erk'.")
   s = schedules.as_schedule(sparsity)(step)
   counts = dist.counts(paths, units, s, step, shapes=[a.shape for a in arrays])
   out = [None] * len(leaves)

@@ -101,7 +101,7 @@ def swap(active: jax.Array, candidates: jax.Array, drop: jax.Array, grow: jax.Ar
 
   Args:
     active: bool units that are on.
-    candidates: bool units that may be grown (disjoint from `active`).
+    candidates: bool units that may be grown (active ones never are).
     drop: scores; the active units with the lowest are dropped.
     grow: scores; the candidates with the highest are grown.
     fraction: share of active units to swap (clipped to what the candidates allow).
@@ -109,6 +109,7 @@ def swap(active: jax.Array, candidates: jax.Array, drop: jax.Array, grow: jax.Ar
   Returns:
     the new bool units, with exactly as many on as `active`.
   """
+  candidates = candidates & ~active
   k = jnp.sum(active, dtype=jnp.int32)
   n = jnp.round(jnp.clip(fraction, 0.0, 1.0) * k.astype(jnp.float32)).astype(jnp.int32)
   n = jnp.minimum(n, jnp.sum(candidates, dtype=jnp.int32))
@@ -194,6 +195,12 @@ def drop_and_grow(
   dist = distributions.as_distribution(distribution)
   unit = granularities.as_granularity(granularity)
   pruning.check_key(key)
+  if not (callable(drop_score) and callable(grow_score)):
+    raise ValueError("drop_score and grow_score must be callables (params, grads, masks, ctx)")
+  if score_state is not None and not (
+      isinstance(score_state, (tuple, list)) and len(score_state) == 2
+      and all(callable(f) for f in score_state)):
+    raise ValueError(f"score_state must be a pair of callables (init, update), got {score_state!r}")
 
   def init(params):
     template = pruning.all_true(params)
@@ -298,7 +305,7 @@ def granet(
 
   Sparsity follows Zhu & Gupta's cubic schedule from `init_sparsity` at
   `begin_step` to `sparsity` at `end_step`. Every `update_every` steps in
-  ``[begin_step, end_step]`` the leaf is first pruned by magnitude to the
+  ``[begin_step, end_step]``, and at `end_step`, the leaf is first pruned by magnitude to the
   schedule's sparsity, then ``round(drop_fraction * k)`` more of its smallest
   weights are dropped and as many are grown where the dense gradient is
   largest (among weights inactive before the update), so regeneration costs
@@ -323,6 +330,9 @@ def granet(
   """
   schedules.check_fraction("sparsity", sparsity)
   schedules.check_fraction("init_sparsity", init_sparsity)
+  if schedules.is_concrete(sparsity) and schedules.is_concrete(init_sparsity) and (
+      float(init_sparsity) > float(sparsity)):
+    raise ValueError(f"{init_sparsity=} must be <= {sparsity=}: GraNet only prunes")
   check_steps(begin_step, end_step, update_every)
   schedule = schedules.polynomial_schedule(init_sparsity, sparsity, begin_step, end_step)
   fraction = drop_fraction_schedule(drop_fraction, 0.5, begin_step, end_step)
@@ -349,7 +359,9 @@ def granet(
 
     return jax.tree.map(leaf, masks, pruned, params, grads), state
 
+  # The last update falls on end_step itself, so the final sparsity is reached
+  # even when end_step is not a multiple of update_every.
   return sparsify.SparsityMethod(
       init=init, update=update,
       should_update=lambda step: ((step > 0) & (step >= begin_step) & (step <= end_step)
-                                  & (step % update_every == 0)))
+                                  & ((step % update_every == 0) | (step == end_step))))

@@ -17,10 +17,15 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax._src import pytree
 
 _REDUCERS = {"mean": jnp.mean, "max": jnp.max}
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _check_reduce(reduce: str) -> None:
@@ -48,10 +53,13 @@ class Block:
   reduce: str = "mean"
 
   def __post_init__(self):
-    shape = tuple(self.block_shape) if isinstance(self.block_shape, (tuple, list)) else None
-    if not shape or not all(isinstance(b, int) and b >= 1 for b in shape):
+    try:
+      shape = tuple(self.block_shape)
+    except TypeError:
+      shape = ()
+    if not shape or not all(_is_int(b) and b >= 1 for b in shape):
       raise ValueError(f"block_shape={self.block_shape!r} must be a tuple of integers >= 1")
-    object.__setattr__(self, "block_shape", shape)
+    object.__setattr__(self, "block_shape", tuple(int(b) for b in shape))
     _check_reduce(self.reduce)
 
   def _full(self, shape):
@@ -101,8 +109,9 @@ class Channel:
   reduce: str = "mean"
 
   def __post_init__(self):
-    if not isinstance(self.axis, int):
+    if not _is_int(self.axis):
       raise ValueError(f"axis={self.axis!r} must be an integer")
+    object.__setattr__(self, "axis", int(self.axis))
     _check_reduce(self.reduce)
 
   def check(self, path: pytree.Path, shape: tuple[int, ...]) -> None:
@@ -171,11 +180,14 @@ def block_mask(mask: jax.Array, block_shape: tuple[int, ...]) -> jax.Array:
   Example:
     >>> layout = sj.block_mask(masks["dense"]["kernel"], (16, 16))
   """
-  block = Block(tuple(block_shape))
-  block.check((), tuple(mask.shape))
+  block = Block(tuple(int(b) for b in np.asarray(block_shape).reshape(-1)))
+  if len(block.block_shape) > mask.ndim or any(
+      d % b for d, b in zip(mask.shape, block._full(mask.shape))):  # pylint: disable=protected-access
+    raise ValueError(f"block_shape={block.block_shape} does not divide the mask of shape "
+                     f"{tuple(mask.shape)}")
   any_on = block.pool(mask, "max")
   all_on = ~block.pool(~mask, "max")
   if not isinstance(mask, jax.core.Tracer) and bool(jnp.any(any_on != all_on)):
-    raise ValueError(f"mask is not block-structured for block_shape={tuple(block_shape)}: "
+    raise ValueError(f"mask is not block-structured for block_shape={block.block_shape}: "
                      "some tiles are partly on")
   return any_on

@@ -30,7 +30,10 @@ def check_fraction(name: str, value: Any, *, closed: bool = False) -> None:
   """
   if callable(value) or not is_concrete(value):
     return
-  v = np.asarray(value)
+  try:
+    v = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}={value!r} must be a number or a schedule") from None
   if v.shape != ():
     raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
   v = float(v)
@@ -44,8 +47,12 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
   """Raises ValueError unless a concrete `value` is an integer >= `minimum`."""
   if not is_concrete(value):
     return
-  v = np.asarray(value)
-  if v.shape != () or not float(v).is_integer() or int(v) < minimum:
+  try:
+    v = np.asarray(value, dtype=np.float64)
+    ok = v.shape == () and float(v).is_integer() and int(v) >= minimum
+  except (TypeError, ValueError):
+    ok = False
+  if not ok or isinstance(value, bool):
     raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
 

@@ -26,9 +26,16 @@ from sparsejax._src import topk
 
 
 class SRigLState(NamedTuple):
-  """Method state of `srigl`: per sparsified leaf, which neurons are alive."""
+  """Method state of `srigl`.
+
+  Attributes:
+    alive: per sparsified leaf, a bool per neuron: not ablated.
+    budget: per sparsified leaf, its initial number of active weights (int32),
+      shared by the living neurons.
+  """
 
   alive: Any
+  budget: Any
 
 
 def _columns(x: jax.Array) -> jax.Array:
@@ -45,22 +52,27 @@ def topk_columns(scores: jax.Array, k: jax.Array) -> jax.Array:
   return rank < jnp.broadcast_to(k, (scores.shape[1],))[None, :]
 
 
-def _update_leaf(m, alive, w, g, f, ablation_threshold):
+def _update_leaf(m, alive, budget, w, g, f, ablation_threshold):
   """One SRigL update of a leaf: per-neuron drop and grow, ablation, redistribution."""
+  if m.size == 0:
+    return m, alive
   m2 = _columns(m)
   w2 = _columns(jnp.abs(w).astype(jnp.float32))
   g2 = _columns(jnp.abs(g).astype(jnp.float32))
   rows, cols = m2.shape
   living = jnp.sum(alive, dtype=jnp.int32)
   k = jnp.sum(m2, dtype=jnp.int32) // jnp.maximum(living, 1)  # the constant fan-in
-  budget = k * living
   # Salient weights: those unstructured RigL keeps or grows on the whole leaf.
   salient = dst.swap(m2.reshape(-1), ~m2.reshape(-1), w2.reshape(-1), g2.reshape(-1), f)
   salient = jnp.sum(salient.reshape(rows, cols), axis=0, dtype=jnp.int32)
   weak = alive & (salient.astype(jnp.float32) < ablation_threshold * k.astype(jnp.float32))
-  # Never ablate every neuron: the one with the most salient weights stays.
-  weak = weak & (jnp.arange(cols) != jnp.argmax(jnp.where(alive, salient, -1)))
-  alive = alive & ~weak
+  # Ablate the weakest first, and only as many as leave room for the budget
+  # (at least one neuron, and enough that budget / living fits in a column).
+  keep_living = jnp.maximum((budget + rows - 1) // rows, 1)
+  room = jnp.maximum(living - keep_living, 0)
+  order = jnp.argsort(jnp.where(weak, salient, jnp.iinfo(jnp.int32).max), stable=True)
+  rank = jnp.zeros(cols, jnp.int32).at[order].set(jnp.arange(cols, dtype=jnp.int32))
+  alive = alive & ~(weak & (rank < room))
   new_k = jnp.minimum(budget // jnp.maximum(jnp.sum(alive, dtype=jnp.int32), 1), rows)
   # Per neuron: keep k - n inputs by magnitude, grow new_k - (k - n) by
   # gradient among inputs inactive before this update.
@@ -90,9 +102,11 @@ def srigl(
   grows as many where the dense gradient is largest, neuron by neuron. Then a
   neuron for which fewer than ``ablation_threshold * k`` of its weights are
   salient (kept or grown by unstructured RigL on the whole leaf with the same
-  budget) is ablated: all its inputs are removed for good and the budget is
-  shared by the living neurons, whose fan-in becomes ``floor(budget /
-  living)``. ``ablation_threshold=0`` turns ablation off.
+  budget) is ablated: all its inputs are removed for good and the leaf's
+  initial budget is shared by the living neurons, whose fan-in becomes
+  ``floor(budget / living)``. The weakest go first, and never so many that
+  the budget would not fit in the living neurons' columns.
+  ``ablation_threshold=0`` turns ablation off.
 
   Reference: Dynamic Sparse Training with Structured Sparsity. Lasby, Golubeva,
   Evci, Nica, Ioannou, 2023. arXiv:2305.02299.
@@ -134,28 +148,31 @@ def srigl(
     random = scores.random(pruning.all_true(params), key)
 
     def leaf(w, r):
-      mask = topk_columns(_columns(r), next(counts))
-      return mask.reshape(w.shape)
+      k = next(counts)
+      if w.size == 0:
+        return jnp.zeros(w.shape, jnp.bool_)
+      return topk_columns(_columns(r), k).reshape(w.shape)
 
     masks = jax.tree.map(leaf, params, random)
     alive = jax.tree.map(lambda w: jnp.ones(w.shape[-1], jnp.bool_), params)
-    return masks, SRigLState(alive)
+    budget = jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), masks)
+    return masks, SRigLState(alive, budget)
 
   def update(masks, state, params, grads, step):
     f = fraction(step)
     leaves, treedef = pytree.flatten(masks)
-    flat = [pytree.flatten(t)[0] for t in (state.alive, params, grads)]
+    flat = [pytree.flatten(t)[0] for t in (state.alive, state.budget, params, grads)]
     new_masks, new_alive = [], []
-    for (_, m), (_, alive), (_, w), (_, g) in zip(leaves, *flat):
+    for (_, m), (_, alive), (_, budget), (_, w), (_, g) in zip(leaves, *flat):
       if m is None:
         new_masks.append(None)
         new_alive.append(None)
         continue
-      mask, alive = _update_leaf(m, alive, w, g, f, ablation_threshold)
+      mask, alive = _update_leaf(m, alive, budget, w, g, f, ablation_threshold)
       new_masks.append(mask)
       new_alive.append(alive)
     unflatten = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    return unflatten(new_masks), SRigLState(unflatten(new_alive))
+    return unflatten(new_masks), SRigLState(unflatten(new_alive), state.budget)
 
   return sparsify.SparsityMethod(
       init=init, update=update,
