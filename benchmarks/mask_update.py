@@ -6,6 +6,7 @@ donated state) is the yardstick. Timed in the same process, median of
 
 - top-k, uniform / erk / global: exact masks at 90% sparsity from magnitudes;
 - rigl update: one RigL drop-and-grow (magnitude drop, gradient growth);
+- n_m 2:4: the exact 2:4 mask of every kernel along its inputs;
 - argsort: the usual exact top-k with a full stable argsort, for reference
   (skipped above `--argsort_max` params: it takes tens of train steps).
 
@@ -32,8 +33,8 @@ _SPARSITY = 0.9
 
 
 def hidden_for(millions):
-  # 784 h + h^2 + 10 h params
-  return int((-794 + np.sqrt(794**2 + 4 * millions * 1e6)) / 2)
+  # 784 h + h^2 + 10 h params; a multiple of 8 so N:M groups fit
+  return int((-794 + np.sqrt(794**2 + 4 * millions * 1e6)) / 2) // 8 * 8
 
 
 def make_params(h, key):
@@ -76,7 +77,7 @@ def main(argv):
   print(f"{jax.devices()[0].platform}, jax {jax.__version__}; batch {_BATCH.value}, "
         f"sparsity {_SPARSITY}, median of {repeats}")
   header = (f"{'params':>8} {'dense step':>11} | {'top-k uniform':>16} {'top-k erk':>16} "
-            f"{'top-k global':>16} {'rigl update':>16} {'argsort':>16}")
+            f"{'top-k global':>16} {'rigl update':>16} {'n_m 2:4':>16} {'argsort':>16}")
   print(header)
   print("-" * len(header))
   for size in _SIZES.value:
@@ -119,6 +120,8 @@ def main(argv):
     restricted_grads = [{"w": g["w"], "b": None} for g in grads]
     rigl_update = jax.jit(lambda m, p, g: method.update(m, state, p, g, jnp.int32(1))[0])
     cells.append(timed(rigl_update, masks, restricted, restricted_grads, repeats=repeats))
+    n_m_masks = jax.jit(lambda s: [sj.n_m_mask(layer["w"], 2, 4, axis=-2) for layer in s])
+    cells.append(timed(n_m_masks, scores, repeats=repeats))
 
     if float(size) <= _ARGSORT_MAX.value:
       cells.append(timed(jax.jit(argsort_masks), scores, repeats=1))

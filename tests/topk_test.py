@@ -126,8 +126,13 @@ def test_global_counts_match_reference(kind, floor):
   for total in [1, n_all // 10, n_all // 2, n_all - 1]:
     floors = [min(floor, s.size) for s in scores]
     got = [int(c) for c in f(scores, total, floors)]
-    assert got == reference_global_counts(scores, total, floors), (total, floors)
+    want = reference_global_counts(scores, total, floors)
+    assert got == want, (total, floors)
     assert sum(got) == total
+    # The masks cut at the shared threshold are each leaf's own top-k.
+    masks = jax.jit(topk.global_masks)(scores, total, floors)
+    for mask, score, k in zip(masks, scores, want):
+      np.testing.assert_array_equal(np.asarray(mask), reference_mask(score, k))
 
 
 def test_subnormal_scores_count_as_zero_on_both_paths(searched):

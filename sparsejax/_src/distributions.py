@@ -57,15 +57,8 @@ class _Distribution:
   def __post_init__(self):
     _check_overrides(self.overrides)
 
-  def counts(self, paths: Sequence[pytree.Path], scores: Sequence[jax.Array],
-             sparsity: jax.Array, step: jax.Array,
-             shapes: Sequence[tuple[int, ...]] | None = None) -> list[jax.Array]:
-    """Units to keep per leaf, as int32 scalars.
-
-    `scores` hold one score per unit; `shapes` are the leaves' own shapes
-    (they set ERK's densities), by default the scores' shapes.
-    """
-    shapes = [a.shape for a in scores] if shapes is None else list(shapes)
+  def _split(self, paths, scores, step):
+    """Leaves with an override (index -> sparsity), empty leaves, and the pool."""
     names = [pytree.path_str(p) for p in paths]
     fixed: dict[int, jax.Array] = {}
     for pattern, value in (self.overrides or {}).items():
@@ -78,12 +71,31 @@ class _Distribution:
         fixed.setdefault(i, schedules.as_schedule(value, f"overrides[{pattern!r}]")(step))
     empty = {i for i, a in enumerate(scores) if a.size == 0}
     pool = [i for i in range(len(scores)) if i not in fixed and i not in empty]
+    return fixed, empty, pool
+
+  def counts(self, paths: Sequence[pytree.Path], scores: Sequence[jax.Array],
+             sparsity: jax.Array, step: jax.Array,
+             shapes: Sequence[tuple[int, ...]] | None = None) -> list[jax.Array]:
+    """Units to keep per leaf, as int32 scalars.
+
+    `scores` hold one score per unit; `shapes` are the leaves' own shapes
+    (they set ERK's densities), by default the scores' shapes.
+    """
+    shapes = [a.shape for a in scores] if shapes is None else list(shapes)
+    fixed, empty, pool = self._split(paths, scores, step)
     out = {i: _kept(1.0 - s, scores[i].size) for i, s in fixed.items()}
     out.update((i, jnp.int32(0)) for i in empty)
     if pool:
       pooled = self._pool_counts([scores[i] for i in pool], sparsity, [shapes[i] for i in pool])
       out.update(zip(pool, pooled))
     return [out[i] for i in range(len(scores))]
+
+  def select(self, paths: Sequence[pytree.Path], scores: Sequence[jax.Array],
+             sparsity: jax.Array, step: jax.Array,
+             shapes: Sequence[tuple[int, ...]] | None = None) -> list[jax.Array]:
+    """Masks keeping each leaf's `counts` highest-scoring units."""
+    return [topk.topk_mask(a, k) for a, k in
+            zip(scores, self.counts(paths, scores, sparsity, step, shapes))]
 
   def _pool_counts(self, scores, sparsity, shapes):
     raise NotImplementedError
@@ -176,18 +188,29 @@ class Global(_Distribution):
     _check_static("min_density", self.min_density)
     schedules.check_fraction("min_density", self.min_density, closed=True)
 
-  def _pool_counts(self, scores, sparsity, shapes):
-    del shapes
+  def _total_and_floors(self, scores, sparsity):
     sizes = [s.size for s in scores]
-    n_pool = sum(sizes)
-    if n_pool > topk._MAX_SIZE:  # pylint: disable=protected-access
-      raise ValueError(f"the Global distribution supports up to {topk._MAX_SIZE} "  # pylint: disable=protected-access
-                       f"pooled entries, got {n_pool}")
-    total = _kept(1.0 - sparsity, n_pool)
+    total = _kept(1.0 - sparsity, sum(sizes))
     floors = [jnp.minimum(int(np.ceil(self.min_density * n - 1e-9)),
                           jnp.floor((1.0 - sparsity) * np.float32(n)).astype(jnp.int32))
               for n in sizes]
-    return topk.global_counts(scores, total, floors)
+    return total, floors
+
+  def _pool_counts(self, scores, sparsity, shapes):
+    del shapes
+    return topk.global_counts(scores, *self._total_and_floors(scores, sparsity))
+
+  def select(self, paths, scores, sparsity, step, shapes=None):
+    # The pool's masks come straight from the shared threshold; overridden
+    # and empty leaves take their own counts.
+    fixed, empty, pool = self._split(paths, scores, step)
+    out = {i: topk.topk_mask(scores[i], _kept(1.0 - s, scores[i].size))
+           for i, s in fixed.items()}
+    out.update((i, jnp.zeros(scores[i].shape, jnp.bool_)) for i in empty)
+    if pool:
+      pooled = [scores[i] for i in pool]
+      out.update(zip(pool, topk.global_masks(pooled, *self._total_and_floors(pooled, sparsity))))
+    return [out[i] for i in range(len(scores))]
 
 
 Distribution = _Distribution
@@ -252,8 +275,8 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
         + ", ".join(f"{pytree.path_str(p)}: {a.size // max(u.size, 1)} entries"
                     for p, a, u in zip(paths, arrays, units)) + "). Use 'uniform' or 'erk'.")
   s = schedules.as_schedule(sparsity)(step)
-  counts = dist.counts(paths, units, s, step, shapes=[a.shape for a in arrays])
+  selected = dist.select(paths, units, s, step, shapes=[a.shape for a in arrays])
   out = [None] * len(leaves)
-  for i, a, u, k in zip(scored, arrays, units, counts):
-    out[i] = unit.expand(topk.topk_mask(u, k), a.shape)
+  for i, a, m in zip(scored, arrays, selected):
+    out[i] = unit.expand(m, a.shape)
   return jax.tree_util.tree_unflatten(treedef, out)

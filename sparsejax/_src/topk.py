@@ -164,10 +164,14 @@ def _sorted_topk(u: jax.Array, k: jax.Array) -> jax.Array:
   return rank < k
 
 
-def _searched_topk(s: jax.Array, k: jax.Array) -> jax.Array:
+def _cut(s: jax.Array, lo: jax.Array, hi: jax.Array, c_lo: jax.Array, c_hi: jax.Array,
+         k: jax.Array) -> jax.Array:
+  """The k-entry mask of a finished search: all keys >= hi, then ties at lo.
+
+  Needs ``c_lo = #(keys >= lo)``, ``c_hi = #(keys >= hi)`` and either
+  ``k == c_lo`` or ``hi == lo + 1`` with ``c_hi <= k < c_lo``.
+  """
   n = s.size
-  count = lambda t: _count_ge(s, t)
-  lo, hi, c_lo, c_hi = _threshold(count, [s], k, jnp.int32(n), jnp.int32(0))
   tied = c_lo != k
   at_lo = s == _key_value(lo)
 
@@ -184,10 +188,16 @@ def _searched_topk(s: jax.Array, k: jax.Array) -> jax.Array:
     col = jnp.searchsorted(jnp.cumsum(in_row, dtype=jnp.int32), need)
     return (row * width + col + 1).astype(jnp.int32)
 
-  bound = lax.cond(tied, first_ties, lambda: jnp.int32(0))
+  bound = lax.cond(tied & (k > c_hi), first_ties, lambda: jnp.int32(0))
   cut = jnp.where(tied, hi, lo)
   index = jnp.arange(n, dtype=jnp.int32)
   return (s >= _key_value(cut)) | (at_lo & (index < bound))
+
+
+def _searched_topk(s: jax.Array, k: jax.Array) -> jax.Array:
+  count = lambda t: _count_ge(s, t)
+  lo, hi, c_lo, c_hi = _threshold(count, [s], k, jnp.int32(s.size), jnp.int32(0))
+  return _cut(s, lo, hi, c_lo, c_hi, k)
 
 
 def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
@@ -222,6 +232,39 @@ def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
   return mask.reshape(scores.shape)
 
 
+def _global_search(scores, total, floors):
+  ss = [_sanitize(s) for s in scores]
+  floors = jnp.stack([jnp.asarray(f, jnp.int32) for f in floors])
+  total = jnp.asarray(total, jnp.int32)
+  n_all = sum(s.size for s in ss)
+  if n_all > _MAX_SIZE:
+    raise ValueError(f"a global top-k supports up to {_MAX_SIZE} entries in all, got {n_all}")
+  # Floors that overshoot the total (by float rounding) give back the excess,
+  # last leaves first, so the total stays exact.
+  excess = jnp.maximum(jnp.sum(floors) - total, 0)
+  after = jnp.cumsum(floors[::-1])[::-1] - floors
+  floors = floors - jnp.clip(excess - after, 0, floors)
+
+  def per_leaf(t):
+    return jnp.stack([_count_ge(s, t) for s in ss])
+
+  count = lambda t: jnp.sum(jnp.maximum(per_leaf(t), floors))
+  floor_sum = jnp.sum(floors)
+  lo, hi, c_lo, c_hi = _threshold(
+      count, ss, jnp.maximum(total, 1), jnp.int32(n_all), floor_sum)
+  raw_lo, raw_hi = per_leaf(lo), per_leaf(hi)
+  at_lo, above = jnp.maximum(raw_lo, floors), jnp.maximum(raw_hi, floors)
+  # Exact hit: counts at lo. Ties at lo: counts above it plus the tied
+  # entries leaf by leaf until the total is reached.
+  extra = at_lo - above
+  before = jnp.cumsum(extra) - extra
+  share = jnp.clip(total - c_hi - before, 0, extra)
+  counts = jnp.where(c_lo == total, at_lo, above + share)
+  # If the floors alone reach the total, no threshold is needed.
+  counts = jnp.where(floor_sum >= total, floors, counts)
+  return ss, counts, (lo, hi, raw_lo, raw_hi)
+
+
 def global_counts(scores: Sequence[jax.Array], total: jax.Array,
                   floors: Sequence[jax.Array]) -> list[jax.Array]:
   """Per-leaf counts for one threshold across leaves, with per-leaf floors.
@@ -234,30 +277,23 @@ def global_counts(scores: Sequence[jax.Array], total: jax.Array,
   Returns:
     a list of int32 counts, one per leaf, that sum to `total`.
   """
-  ss = [_sanitize(s) for s in scores]
-  floors = jnp.stack([jnp.asarray(f, jnp.int32) for f in floors])
-  total = jnp.asarray(total, jnp.int32)
-  # Floors that overshoot the total (by float rounding) give back the excess,
-  # last leaves first, so the total stays exact.
-  excess = jnp.maximum(jnp.sum(floors) - total, 0)
-  after = jnp.cumsum(floors[::-1])[::-1] - floors
-  floors = list(floors - jnp.clip(excess - after, 0, floors))
-  n_all = sum(s.size for s in ss)
-
-  def per_leaf(t):
-    return [jnp.maximum(_count_ge(s, t), f) for s, f in zip(ss, floors)]
-
-  count = lambda t: sum(per_leaf(t))
-  floor_sum = sum(floors)
-  lo, hi, c_lo, c_hi = _threshold(
-      count, ss, jnp.maximum(total, 1), jnp.int32(n_all), floor_sum)
-  at_lo, above = jnp.stack(per_leaf(lo)), jnp.stack(per_leaf(hi))
-  # Exact hit: counts at lo. Ties at lo: counts above it plus the tied
-  # entries leaf by leaf until the total is reached.
-  extra = at_lo - above
-  before = jnp.cumsum(extra) - extra
-  share = jnp.clip(total - c_hi - before, 0, extra)
-  counts = jnp.where(c_lo == total, at_lo, above + share)
-  # If the floors alone reach the total, no threshold is needed.
-  counts = jnp.where(floor_sum >= total, jnp.stack(floors), counts)
+  _, counts, _ = _global_search(scores, total, floors)
   return list(counts)
+
+
+def global_masks(scores: Sequence[jax.Array], total: jax.Array,
+                 floors: Sequence[jax.Array]) -> list[jax.Array]:
+  """The masks of `global_counts`: the same counts, the top-scoring entries of each leaf.
+
+  Leaves whose count the shared threshold decides are cut at it directly (one
+  pass each); only leaves held up by their floor run a search of their own.
+  """
+  ss, counts, (lo, hi, raw_lo, raw_hi) = _global_search(scores, total, floors)
+  masks = []
+  for s, score, k, c_lo, c_hi in zip(ss, scores, counts, raw_lo, raw_hi):
+    at_threshold = (k == c_lo) | ((hi == lo + 1) & (c_hi <= k) & (k < c_lo))
+    mask = lax.cond(at_threshold,
+                    lambda s=s, k=k, c_lo=c_lo, c_hi=c_hi: _cut(s, lo, hi, c_lo, c_hi, k),
+                    lambda score=score, k=k: topk_mask(score, k).reshape(-1))
+    masks.append(mask.reshape(score.shape))
+  return masks
