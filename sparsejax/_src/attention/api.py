@@ -1,0 +1,98 @@
+"""`block_sparse_attention`: one API, four implementations that agree."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax._src.attention import layout as layout_lib
+from sparsejax._src.attention import pallas_gpu
+from sparsejax._src.attention import pallas_tpu
+from sparsejax._src.attention import reference
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _check(q, k, v, layout):
+  if not isinstance(layout, layout_lib.Layout):
+    raise ValueError(f"layout must be a sja.Layout (make_layout or topk_layout), got "
+                     f"{type(layout).__name__}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k and v must be [batch, seq, heads, head_dim], got {q.shape=}, "
+                     f"{k.shape=}, {v.shape=}")
+  batch, q_len, heads, dim = q.shape
+  if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
+    raise ValueError(f"k and v must both be [{batch}, kv_len, kv_heads, {dim}], got "
+                     f"{k.shape=} and {v.shape=}")
+  if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+    raise ValueError(f"q, k and v must share one of float32, bfloat16, float16, got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  if heads % k.shape[2]:
+    raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({k.shape[2]})")
+  if (q_len, k.shape[1], heads) != (layout.q_len, layout.kv_len, layout.num_heads):
+    raise ValueError(f"the layout is for q_len={layout.q_len}, kv_len={layout.kv_len}, "
+                     f"heads={layout.num_heads}; got q_len={q_len}, kv_len={k.shape[1]}, "
+                     f"heads={heads}")
+  if layout.head_row.shape[0] not in (1, batch):
+    raise ValueError(f"the layout has rows for batch {layout.head_row.shape[0]}, got batch {batch}")
+
+
+def default_implementation(layout: layout_lib.Layout) -> str:
+  """The fastest implementation for the default backend and this layout."""
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return "pallas_triton"
+  if backend == "tpu" and layout.block_q % 128 == 0 and layout.block_kv % 128 == 0:
+    return "pallas_tpu"
+  return "xla"
+
+
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.Layout,
+                           *, implementation: str | None = None, sm_scale: float | None = None,
+                           interpret: bool | None = None) -> jax.Array:
+  """Softmax attention restricted to a block-sparse layout.
+
+  Args:
+    q: [batch, q_len, heads, head_dim]
+    k: [batch, kv_len, kv_heads, head_dim], kv_heads dividing heads (GQA/MQA).
+    v: like k.
+    layout: from `make_layout` (a mask) or `topk_layout` (content-routed).
+    implementation: "reference" (dense masked softmax in float32, the
+      oracle), "xla" (jnp over the active blocks only), "pallas" (the Pallas
+      kernel of the default backend: "pallas_triton" on GPU and in
+      interpret mode on CPU, "pallas_tpu" on TPU), or None for the fastest
+      available: Pallas on GPU and TPU, "xla" elsewhere.
+    sm_scale: softmax scale, default ``1 / sqrt(head_dim)``.
+    interpret: run Pallas kernels in the interpreter; default True on CPU.
+
+  Returns:
+    [batch, q_len, heads, head_dim] in q's dtype. A query row with no visible
+    key gets 0 (never NaN). Differentiable in q, k and v.
+
+  Example:
+    >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(256, 0))
+    >>> layout = sja.make_layout(mask, num_heads=H, block_q=128, block_kv=128)
+    >>> out = sja.block_sparse_attention(q, k, v, layout)
+  """
+  _check(q, k, v, layout)
+  if implementation is None:
+    implementation = default_implementation(layout)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown implementation {implementation!r}; expected one of "
+                     f"{IMPLEMENTATIONS} or None")
+  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  if implementation == "pallas":
+    implementation = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_triton"
+  if implementation == "reference":
+    return reference.attention_reference(q, k, v, layout, sm_scale)
+  if implementation == "xla":
+    return reference.attention_xla(q, k, v, layout, sm_scale)
+  if implementation == "pallas_tpu":
+    return pallas_tpu.block_sparse_attention(q, k, v, layout, sm_scale, bool(interpret))
+  sizes = pallas_gpu.BlockSizes(layout.block_q, layout.block_kv)
+  return pallas_gpu.block_sparse_attention(q, k, v, layout, sm_scale, sizes, bool(interpret))

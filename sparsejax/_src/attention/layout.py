@@ -1,0 +1,251 @@
+"""Block-sparse attention layouts: which key blocks each query block reads.
+
+`make_layout` evaluates a mask block by block with NumPy on the host and
+caches the result; `topk_layout` builds one inside `jax.jit` from pooled
+query and key blocks. Both return a `Layout`, a NamedTuple of int32/bool
+arrays whose shapes carry the block sizes, so every implementation accepts
+either and nothing recompiles for a new mask of the same sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax._src.attention import masks as masks_lib
+
+
+class Layout(NamedTuple):
+  """Block-sparse attention metadata (a pytree of arrays).
+
+  Rows are distinct head patterns: heads that share a mask share a row, and
+  `head_row` maps (batch, head) to a row. Lists are sorted ascending and
+  padded to a fixed length by repeating their last entry (so a kernel that
+  prefetches the next block re-reads the same one).
+
+  Attributes:
+    num_kv: int32[rows, q_blocks]: active key blocks per query block.
+    kv_index: int32[rows, q_blocks, max_kv]: those key blocks.
+    kv_partial: int32[rows, q_blocks, max_kv]: for each, the index of its
+      element mask in `partial`, or -1 if the block is fully visible.
+    num_q: int32[rows, kv_blocks]: active query blocks per key block (the
+      transposed lists, for the dK/dV pass).
+    q_index: int32[rows, kv_blocks, max_q]: those query blocks.
+    q_partial: int32[rows, kv_blocks, max_q]: their element-mask indices.
+    partial: bool[num_partial, block_q, block_kv]: distinct partial blocks
+      (one all-True block when there are none).
+    head_row: int32[batch or 1, heads]: the row of each (batch, head).
+  """
+
+  num_kv: jax.Array
+  kv_index: jax.Array
+  kv_partial: jax.Array
+  num_q: jax.Array
+  q_index: jax.Array
+  q_partial: jax.Array
+  partial: jax.Array
+  head_row: jax.Array
+
+  @property
+  def block_q(self) -> int:
+    return self.partial.shape[1]
+
+  @property
+  def block_kv(self) -> int:
+    return self.partial.shape[2]
+
+  @property
+  def num_heads(self) -> int:
+    return self.head_row.shape[1]
+
+  @property
+  def q_len(self) -> int:
+    return self.num_kv.shape[1] * self.block_q
+
+  @property
+  def kv_len(self) -> int:
+    return self.num_q.shape[1] * self.block_kv
+
+  def density(self) -> jax.Array:
+    """Share of (query block, key block) pairs that are active, averaged over heads."""
+    rows = jnp.take(self.num_kv, self.head_row.reshape(-1), axis=0)
+    return jnp.mean(rows) / self.num_q.shape[1]
+
+
+def _lists(active: jax.Array, partial_index: jax.Array, size: int):
+  """Ascending indices of active entries along the last axis, padded to `size`."""
+  count = jnp.sum(active, axis=-1, dtype=jnp.int32)
+  order = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
+  slot = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), count.shape + (size,))
+  take = jnp.minimum(slot, jnp.maximum(count[..., None] - 1, 0))
+  index = jnp.take_along_axis(order, take, axis=-1)
+  valid = slot < count[..., None]
+  part = jnp.where(valid, jnp.take_along_axis(partial_index, index, axis=-1), -1)
+  return count, index, part.astype(jnp.int32)
+
+
+def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
+                head_row: jax.Array, max_kv: int, max_q: int) -> Layout:
+  """A `Layout` from block tables (traceable).
+
+  Args:
+    active: bool[rows, q_blocks, kv_blocks]: blocks with any visible entry.
+    partial_index: int32[rows, q_blocks, kv_blocks]: element mask of each
+      block in `partial`, -1 where fully visible (ignored where inactive).
+    partial: bool[num_partial, block_q, block_kv].
+    head_row: int32[batch or 1, heads].
+    max_kv, max_q: list lengths (static), at least the largest counts.
+  """
+  num_kv, kv_index, kv_partial = _lists(active, partial_index, max_kv)
+  num_q, q_index, q_partial = _lists(jnp.swapaxes(active, 1, 2),
+                                     jnp.swapaxes(partial_index, 1, 2), max_q)
+  return Layout(num_kv, kv_index, kv_partial, num_q, q_index, q_partial,
+                jnp.asarray(partial, jnp.bool_), jnp.asarray(head_row, jnp.int32))
+
+
+def _mask_blocks(mask: masks_lib.Mask, block_q: int, block_kv: int):
+  """Host-side: (active, partial index) per block and the distinct partial blocks."""
+  q_len, kv_len = mask.shape
+  nq, nk = q_len // block_q, kv_len // block_kv
+  active = np.zeros((nq, nk), bool)
+  pidx = np.full((nq, nk), -1, np.int32)
+  seen: dict[bytes, int] = {}
+  patterns = []
+  for i in range(nq):
+    rows = mask[i * block_q:(i + 1) * block_q, :].reshape(block_q, nk, block_kv)
+    rows = np.swapaxes(rows, 0, 1)  # (nk, block_q, block_kv)
+    any_on, all_on = rows.any(axis=(1, 2)), rows.all(axis=(1, 2))
+    active[i] = any_on
+    for j in np.nonzero(any_on & ~all_on)[0]:
+      key = np.packbits(rows[j]).tobytes()
+      if key not in seen:
+        seen[key] = len(patterns)
+        patterns.append(rows[j])
+      pidx[i, j] = seen[key]
+  return active, pidx, patterns
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layout(head_masks: tuple[masks_lib.Mask, ...], block_q: int, block_kv: int) -> Layout:
+  unique: dict[masks_lib.Mask, int] = {}
+  for m in head_masks:
+    unique.setdefault(m, len(unique))
+  head_row = np.array([[unique[m] for m in head_masks]], np.int32)
+  tables, patterns, offsets = [], [], []
+  for m in unique:
+    active, pidx, pats = _mask_blocks(m, block_q, block_kv)
+    offsets.append(len(patterns))
+    patterns.extend(pats)
+    tables.append((active, np.where(pidx >= 0, pidx + offsets[-1], -1)))
+  active = np.stack([t[0] for t in tables])
+  pidx = np.stack([t[1] for t in tables]).astype(np.int32)
+  partial = np.stack(patterns) if patterns else np.ones((1, block_q, block_kv), bool)
+  max_kv = max(int(active.sum(-1).max()), 1)
+  max_q = max(int(active.sum(-2).max()), 1)
+  with jax.ensure_compile_time_eval():
+    return from_blocks(jnp.asarray(active), jnp.asarray(pidx), jnp.asarray(partial),
+                       jnp.asarray(head_row), max_kv, max_q)
+
+
+def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: int,
+                block_q: int = 128, block_kv: int = 128) -> Layout:
+  """The block-sparse layout of `mask` for `num_heads` heads (host-side, cached).
+
+  Args:
+    mask: a `Mask` shared by every head, or a `MultiHeadMask` of one per head.
+    num_heads: query heads.
+    block_q, block_kv: block sizes; they must divide the sequence lengths.
+
+  Returns:
+    a `Layout`; the same arguments return the same (cached) object.
+
+  Example:
+    >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(1024, 0))
+    >>> layout = sja.make_layout(mask, num_heads=H, block_q=128, block_kv=128)
+  """
+  head_masks = masks_lib.as_head_masks(mask, num_heads)
+  q_len, kv_len = head_masks[0].shape
+  if block_q < 1 or q_len % block_q:
+    raise ValueError(f"{q_len=} must be a multiple of {block_q=}")
+  if block_kv < 1 or kv_len % block_kv:
+    raise ValueError(f"{kv_len=} must be a multiple of {block_kv=}")
+  return _cached_layout(head_masks, int(block_q), int(block_kv))
+
+
+def dense_mask(layout: Layout) -> jax.Array:
+  """bool[rows, q_len, kv_len]: the element mask a layout encodes (traceable)."""
+  rows, nq, max_kv = layout.kv_index.shape
+  nk = layout.num_q.shape[1]
+  valid = jnp.arange(max_kv)[None, None, :] < layout.num_kv[..., None]
+  r = jnp.broadcast_to(jnp.arange(rows)[:, None, None], valid.shape)
+  q = jnp.broadcast_to(jnp.arange(nq)[None, :, None], valid.shape)
+  # Padding repeats a valid entry, so scattering it again changes nothing.
+  active = jnp.zeros((rows, nq, nk), bool).at[r, q, layout.kv_index].max(valid)
+  pidx = jnp.full((rows, nq, nk), -1, jnp.int32).at[r, q, layout.kv_index].max(
+      jnp.where(valid, layout.kv_partial, -1))
+  blocks = jnp.where(pidx[..., None, None] >= 0,
+                     layout.partial[jnp.maximum(pidx, 0)], active[..., None, None])
+  blocks = blocks & active[..., None, None]
+  return blocks.transpose(0, 1, 3, 2, 4).reshape(rows, layout.q_len, layout.kv_len)
+
+
+def topk_layout(q: jax.Array, k: jax.Array, *, block_q: int, block_kv: int, k_blocks: int,
+                causal: bool = False) -> Layout:
+  """A content-routed layout built inside jit: each query block reads `k_blocks` key blocks.
+
+  Query and key blocks are mean-pooled; each (batch, head, query block) keeps
+  the `k_blocks` key blocks with the largest pooled dot products (BiFormer /
+  Routing Transformer style). With ``causal=True`` only blocks on or below the
+  diagonal compete, the diagonal one is always kept and masked causally.
+  Shapes are static, so the layout can change every step without recompiling.
+
+  Args:
+    q: [batch, q_len, heads, head_dim].
+    k: [batch, kv_len, kv_heads, head_dim] (kv_heads divides heads).
+    block_q, block_kv: block sizes dividing the lengths.
+    k_blocks: key blocks per query block.
+    causal: restrict to the causal triangle (needs block_q == block_kv).
+
+  Returns:
+    a `Layout` with one row per (batch, head).
+
+  Example:
+    >>> layout = sja.topk_layout(q, k, block_q=64, block_kv=64, k_blocks=4)
+  """
+  batch, q_len, heads, dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  if q_len % block_q or kv_len % block_kv:
+    raise ValueError(f"{q_len=} and {kv_len=} must be multiples of {block_q=} and {block_kv=}")
+  if heads % kv_heads:
+    raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+  nq, nk = q_len // block_q, kv_len // block_kv
+  if not 1 <= k_blocks <= nk:
+    raise ValueError(f"k_blocks={k_blocks} must be in [1, {nk}]")
+  if causal and block_q != block_kv:
+    raise ValueError(f"causal routing needs block_q == block_kv, got {block_q}, {block_kv}")
+  pq = q.reshape(batch, nq, block_q, heads, dim).mean(2).astype(jnp.float32)
+  pk = k.reshape(batch, nk, block_kv, kv_heads, dim).mean(2).astype(jnp.float32)
+  pk = jnp.repeat(pk, heads // kv_heads, axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", pq, pk)
+  qb = jnp.broadcast_to(jnp.arange(nq)[:, None], scores.shape)
+  kb = jnp.broadcast_to(jnp.arange(nk)[None, :], scores.shape)
+  if causal:
+    scores = jnp.where(kb == qb, jnp.inf, jnp.where(kb < qb, scores, -jnp.inf))
+  _, top = jax.lax.top_k(scores, k_blocks)
+  chosen = jnp.take_along_axis(scores, top, axis=-1) > -jnp.inf
+  active = jnp.zeros(scores.shape, bool).at[
+      jnp.arange(batch)[:, None, None, None], jnp.arange(heads)[None, :, None, None],
+      jnp.arange(nq)[None, None, :, None], top].set(chosen)
+  active = active.reshape(batch * heads, nq, nk)
+  if causal:
+    pidx = jnp.where(kb == qb, 0, -1).reshape(active.shape).astype(jnp.int32)
+    partial = np.tril(np.ones((block_q, block_kv), bool))[None]
+  else:
+    pidx = jnp.full(active.shape, -1, jnp.int32)
+    partial = np.ones((1, block_q, block_kv), bool)
+  head_row = jnp.arange(batch * heads, dtype=jnp.int32).reshape(batch, heads)
+  return from_blocks(active, pidx, jnp.asarray(partial), head_row, k_blocks, nq)

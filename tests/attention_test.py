@@ -1,0 +1,194 @@
+"""Every block-sparse attention implementation against the dense reference.
+
+Values and gradients of q, k and v under jit. Pallas kernels run on CPU in
+interpret mode (the *Interpret classes); on a GPU or TPU the parent classes
+run them compiled. Lowering checks export the kernels for CUDA and TPU.
+"""
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import attention as sja
+from sparsejax._src.attention import pallas_gpu
+from sparsejax._src.attention import pallas_tpu
+
+TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2, jnp.float16: 1e-2}
+
+
+def masks(t, heads):
+  return {
+      "causal_local": sja.CausalMask((t, t)) & sja.LocalMask((t, t), (t // 3, 0)),
+      "bigbird": sja.BigBirdMask((t, t), block=t // 4, num_random=1, seed=1),
+      "shards": sja.StridedShardMask.for_heads((t, t), heads, block=t // 8, num_shards=2,
+                                               local_window=t // 8),
+      "random_blocks": sja.NumpyMask(np.kron(np.random.default_rng(0).random((4, 4)) < 0.4,
+                                             np.ones((t // 4, t // 4), bool))
+                                     | np.eye(t, dtype=bool)),
+      "empty_rows": sja.CausalMask((t, t), offset=-(t // 3)),  # the first rows see nothing
+      "full": sja.FullMask((t, t)),
+  }
+
+
+def inputs(key, batch, t, heads, kv_heads, dim, dtype):
+  kq, kk, kv, kg = jax.random.split(key, 4)
+  q = jax.random.normal(kq, (batch, t, heads, dim)).astype(dtype)
+  k = jax.random.normal(kk, (batch, t, kv_heads, dim)).astype(dtype)
+  v = jax.random.normal(kv, (batch, t, kv_heads, dim)).astype(dtype)
+  cotangent = jax.random.normal(kg, (batch, t, heads, dim), jnp.float32)
+  return q, k, v, cotangent
+
+
+def check(impl, q, k, v, cotangent, layout, interpret):
+  """Forward and gradients of `impl` against the float32 reference, under jit."""
+
+  def loss(impl, q, k, v):
+    out = sja.block_sparse_attention(q, k, v, layout, implementation=impl, interpret=interpret)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
+  (dq, dk, dv), out = grad(impl, q, k, v)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  (rq, rk, rv), ref = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)("reference", *f32)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  for got, want in [(dq, rq), (dk, rk), (dv, rv)]:
+    assert got.shape == want.shape and got.dtype == q.dtype
+  tol = TOLERANCE[q.dtype.type]
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=tol, rtol=tol)
+  scale = max(float(jnp.abs(rq).max()), float(jnp.abs(rk).max()), float(jnp.abs(rv).max()), 1.0)
+  for got, want in [(dq, rq), (dk, rk), (dv, rv)]:
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol * scale, rtol=tol)
+  return out
+
+
+class TestXLA:
+  IMPLEMENTATION = "xla"
+  INTERPRET = None
+  BLOCK = 16
+
+  def setup_method(self):
+    pass
+
+  def layout(self, mask, heads):
+    return sja.make_layout(mask, num_heads=heads, block_q=self.BLOCK, block_kv=self.BLOCK)
+
+  @pytest.mark.parametrize("name", ["causal_local", "bigbird", "shards", "random_blocks",
+                                    "empty_rows", "full"])
+  def test_matches_reference(self, name):
+    t, heads = 4 * self.BLOCK, 2
+    q, k, v, ct = inputs(jax.random.key(0), 2, t, heads, heads, 32, jnp.float32)
+    out = check(self.IMPLEMENTATION, q, k, v, ct, self.layout(masks(t, heads)[name], heads),
+                self.INTERPRET)
+    if name == "empty_rows":
+      np.testing.assert_array_equal(np.asarray(out[:, : t // 3]), 0.0)
+      assert bool(jnp.all(jnp.isfinite(out)))
+
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  @pytest.mark.parametrize("kv_heads", [2, 1])
+  def test_gqa_mqa_and_half_precision(self, dtype, kv_heads):
+    t, heads = 4 * self.BLOCK, 4
+    q, k, v, ct = inputs(jax.random.key(1), 1, t, heads, kv_heads, 64, dtype)
+    check(self.IMPLEMENTATION, q, k, v, ct, self.layout(masks(t, heads)["causal_local"], heads),
+          self.INTERPRET)
+
+  def test_topk_layout(self):
+    t, heads = 4 * self.BLOCK, 2
+    q, k, v, ct = inputs(jax.random.key(2), 2, t, heads, 1, 32, jnp.float32)
+    layout = sja.topk_layout(q, k, block_q=self.BLOCK, block_kv=self.BLOCK, k_blocks=2,
+                             causal=True)
+    check(self.IMPLEMENTATION, q, k, v, ct, layout, self.INTERPRET)
+
+
+class TestPallasTriton(TestXLA):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = False
+
+  def setup_method(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("compiled Triton kernels need a GPU; the Interpret class runs them on CPU")
+
+
+class TestPallasTritonInterpret(TestPallasTriton):
+  INTERPRET = True
+
+
+class TestPallasTPU(TestXLA):
+  IMPLEMENTATION = "pallas_tpu"
+  INTERPRET = False
+  BLOCK = 128
+
+  def setup_method(self):
+    if not self.INTERPRET and jax.default_backend() != "tpu":
+      pytest.skip("compiled Mosaic kernels need a TPU; the Interpret class runs them on CPU")
+
+
+class TestPallasTPUInterpret(TestPallasTPU):
+  INTERPRET = True
+
+  @pytest.mark.parametrize("name", ["causal_local", "shards", "empty_rows"])
+  def test_matches_reference(self, name):  # the interpreter is slow at 128-blocks: fewer masks
+    super().test_matches_reference(name)
+
+
+@hypothesis.settings(max_examples=6, deadline=None)
+@hypothesis.given(
+    implementation=st.sampled_from(["xla", "pallas_triton"]),
+    block=st.sampled_from([16, 32]), blocks=st.integers(2, 4),
+    heads=st.sampled_from([(2, 2), (4, 2), (2, 1)]), dim=st.sampled_from([16, 24, 64]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), density=st.floats(0.1, 1.0),
+    seed=st.integers(0, 1000))
+def test_random_layouts(implementation, block, blocks, heads, dim, dtype, density, seed):
+  t = block * blocks
+  rng = np.random.default_rng(seed)
+  table = rng.random((blocks, blocks)) < density
+  array = np.kron(table, np.ones((block, block), bool)) & (rng.random((t, t)) < 0.9)
+  layout = sja.make_layout(sja.NumpyMask(array), num_heads=heads[0], block_q=block, block_kv=block)
+  q, k, v, ct = inputs(jax.random.key(seed), 1, t, heads[0], heads[1], dim, dtype)
+  check(implementation, q, k, v, ct, layout, True)
+
+
+def test_bad_input():
+  t = 64
+  layout = sja.make_layout(sja.CausalMask((t, t)), num_heads=2, block_q=16, block_kv=16)
+  q = jnp.zeros((1, t, 2, 16))
+  with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+    sja.block_sparse_attention(q, q, q, layout, implementation="cuda")
+  with pytest.raises(ValueError, match="the layout is for q_len=64, kv_len=64, heads=2"):
+    sja.block_sparse_attention(q[:, :32], q[:, :32], q[:, :32], layout)
+  with pytest.raises(ValueError, match=r"query heads \(2\) must be a multiple of kv heads \(3\)"):
+    sja.block_sparse_attention(q, jnp.zeros((1, t, 3, 16)), jnp.zeros((1, t, 3, 16)), layout)
+  with pytest.raises(ValueError, match="must share one of float32"):
+    sja.block_sparse_attention(q, q.astype(jnp.bfloat16), q, layout)
+  with pytest.raises(ValueError, match="the TPU kernel needs block_q a multiple of 128"):
+    sja.block_sparse_attention(q, q, q, layout, implementation="pallas_tpu")
+  small = sja.make_layout(sja.CausalMask((t, t)), num_heads=2, block_q=8, block_kv=8)
+  with pytest.raises(ValueError, match="the GPU kernel needs block_q a power of 2 >= 16"):
+    sja.block_sparse_attention(q, q, q, small, implementation="pallas_triton")
+
+
+def _export(fn, platform, *args):
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform, block, marker", [
+    ("cuda", 64, "__gpu$xla.gpu.triton"), ("tpu", 128, "tpu_custom_call")])
+def test_kernels_lower_for_gpu_and_tpu(platform, block, marker):
+  t, heads = 4 * block, 4
+  layout = sja.make_layout(sja.CausalMask((t, t)) & sja.LocalMask((t, t), (block + 7, 0)),
+                           num_heads=heads, block_q=block, block_kv=block)
+  q = jax.ShapeDtypeStruct((2, t, heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, t, 2, 128), jnp.bfloat16)
+  if platform == "cuda":
+    sizes = pallas_gpu.BlockSizes(block, block)
+    fwd = lambda q, k, v, lay: pallas_gpu.block_sparse_attention(q, k, v, lay, 0.1, sizes, False)
+  else:
+    fwd = lambda q, k, v, lay: pallas_tpu.block_sparse_attention(q, k, v, lay, 0.1, False)
+  assert _export(fwd, platform, q, kv, kv, layout).count(marker) == 1
+  grad = jax.grad(lambda q, k, v, lay: fwd(q, k, v, lay).astype(jnp.float32).sum(),
+                  argnums=(0, 1, 2))
+  assert _export(grad, platform, q, kv, kv, layout).count(marker) == 3  # fwd, dq, dk/dv
