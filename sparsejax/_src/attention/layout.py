@@ -39,6 +39,11 @@ class Layout(NamedTuple):
     partial: bool[num_partial, block_q, block_kv]: distinct partial blocks
       (one all-True block when there are none).
     head_row: int32[batch or 1, heads]: the row of each (batch, head).
+    num_pairs: int32[rows]: active (query block, key block) pairs.
+    pair_q: int32[rows, max_pairs]: the query block of each pair, pairs in
+      row-major order (so grouped by query block) and padded like the lists.
+    pair_kv: int32[rows, max_pairs]: the key block of each pair.
+    pair_partial: int32[rows, max_pairs]: its element-mask index, -1 if full.
   """
 
   num_kv: jax.Array
@@ -49,6 +54,10 @@ class Layout(NamedTuple):
   q_partial: jax.Array
   partial: jax.Array
   head_row: jax.Array
+  num_pairs: jax.Array
+  pair_q: jax.Array
+  pair_kv: jax.Array
+  pair_partial: jax.Array
 
   @property
   def block_q(self) -> int:
@@ -89,7 +98,7 @@ def _lists(active: jax.Array, partial_index: jax.Array, size: int):
 
 
 def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
-                head_row: jax.Array, max_kv: int, max_q: int) -> Layout:
+                head_row: jax.Array, max_kv: int, max_q: int, max_pairs: int) -> Layout:
   """A `Layout` from block tables (traceable).
 
   Args:
@@ -98,13 +107,17 @@ def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
       block in `partial`, -1 where fully visible (ignored where inactive).
     partial: bool[num_partial, block_q, block_kv].
     head_row: int32[batch or 1, heads].
-    max_kv, max_q: list lengths (static), at least the largest counts.
+    max_kv, max_q, max_pairs: list lengths (static), at least the largest counts.
   """
   num_kv, kv_index, kv_partial = _lists(active, partial_index, max_kv)
   num_q, q_index, q_partial = _lists(jnp.swapaxes(active, 1, 2),
                                      jnp.swapaxes(partial_index, 1, 2), max_q)
+  rows, nq, nk = active.shape
+  num_pairs, flat, pair_partial = _lists(active.reshape(rows, nq * nk),
+                                         partial_index.reshape(rows, nq * nk), max_pairs)
   return Layout(num_kv, kv_index, kv_partial, num_q, q_index, q_partial,
-                jnp.asarray(partial, jnp.bool_), jnp.asarray(head_row, jnp.int32))
+                jnp.asarray(partial, jnp.bool_), jnp.asarray(head_row, jnp.int32),
+                num_pairs, flat // nk, flat % nk, pair_partial)
 
 
 def _mask_blocks(mask: masks_lib.Mask, block_q: int, block_kv: int):
@@ -146,9 +159,10 @@ def _cached_layout(head_masks: tuple[masks_lib.Mask, ...], block_q: int, block_k
   partial = np.stack(patterns) if patterns else np.ones((1, block_q, block_kv), bool)
   max_kv = max(int(active.sum(-1).max()), 1)
   max_q = max(int(active.sum(-2).max()), 1)
+  max_pairs = max(int(active.sum((1, 2)).max()), 1)
   with jax.ensure_compile_time_eval():
     return from_blocks(jnp.asarray(active), jnp.asarray(pidx), jnp.asarray(partial),
-                       jnp.asarray(head_row), max_kv, max_q)
+                       jnp.asarray(head_row), max_kv, max_q, max_pairs)
 
 
 def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: int,
@@ -248,4 +262,4 @@ def topk_layout(q: jax.Array, k: jax.Array, *, block_q: int, block_kv: int, k_bl
     pidx = jnp.full(active.shape, -1, jnp.int32)
     partial = np.ones((1, block_q, block_kv), bool)
   head_row = jnp.arange(batch * heads, dtype=jnp.int32).reshape(batch, heads)
-  return from_blocks(active, pidx, jnp.asarray(partial), head_row, k_blocks, nq)
+  return from_blocks(active, pidx, jnp.asarray(partial), head_row, k_blocks, nq, nq * k_blocks)

@@ -47,31 +47,40 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.Layout,
                   sm_scale: float) -> jax.Array:
-  """Block-sparse attention that computes only the active key blocks."""
+  """Block-sparse attention that computes only the active (query, key) block pairs.
+
+  Each pair's scores are one small matmul; the softmax runs across the pairs
+  of a query block with segment reductions, so the work follows the number
+  of active pairs, not the longest row.
+  """
   batch, q_len, heads, dim = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
   bq, bkv = layout.block_q, layout.block_kv
   nq, nk = q_len // bq, k.shape[1] // bkv
   rows = _rows(layout, batch)  # [b, h]
-  index = layout.kv_index[rows]  # [b, h, nq, max_kv]
-  part = layout.kv_partial[rows]
-  valid = jnp.broadcast_to(jnp.arange(index.shape[-1]), index.shape) < (
-      layout.num_kv[rows][..., None])
-  # Key and value blocks [b, kv_heads, nk, bkv, d], gathered per query block.
+  pair_q, pair_kv, part = layout.pair_q[rows], layout.pair_kv[rows], layout.pair_partial[rows]
+  valid = jnp.broadcast_to(jnp.arange(pair_q.shape[-1]), pair_q.shape) < (
+      layout.num_pairs[rows][..., None])  # [b, h, pairs]
+  qb = q.reshape(batch, nq, bq, heads, dim).transpose(0, 3, 1, 2, 4)  # [b, h, nq, bq, d]
   kb = k.reshape(batch, nk, bkv, kv_heads, dim).transpose(0, 3, 1, 2, 4)
   vb = v.reshape(batch, nk, bkv, kv_heads, dim).transpose(0, 3, 1, 2, 4)
-  b_ix = jnp.arange(batch)[:, None, None, None]
-  h_ix = (jnp.arange(heads) // group)[None, :, None, None]
-  kg, vg = kb[b_ix, h_ix, index], vb[b_ix, h_ix, index]  # [b, h, nq, max_kv, bkv, d]
-  qb = q.reshape(batch, nq, bq, heads, dim).transpose(0, 3, 1, 2, 4)  # [b, h, nq, bq, d]
-  s = jnp.einsum("bhqid,bhqjkd->bhqijk", qb, kg,
-                 preferred_element_type=jnp.float32) * sm_scale
+  b_ix = jnp.arange(batch)[:, None, None]
+  h_ix = jnp.arange(heads)[None, :, None]
+  qg = qb[b_ix, h_ix, pair_q]  # [b, h, pairs, bq, d]
+  kg, vg = kb[b_ix, h_ix // group, pair_kv], vb[b_ix, h_ix // group, pair_kv]
+  s = jnp.einsum("bhpid,bhpjd->bhpij", qg, kg, preferred_element_type=jnp.float32) * sm_scale
   visible = jnp.where((part >= 0)[..., None, None], layout.partial[jnp.maximum(part, 0)], True)
-  visible = visible & valid[..., None, None]  # [b, h, nq, max_kv, bq, bkv]
-  s = jnp.where(visible.transpose(0, 1, 2, 4, 3, 5), s, -jnp.inf)
-  shape = s.shape
-  s = s.reshape(shape[:4] + (-1,))
-  out = _softmax_out(s, lambda p: jnp.einsum(
-      "bhqijk,bhqjkd->bhqid", p.reshape(shape), vg.astype(jnp.float32)))
-  return out.transpose(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim).astype(q.dtype)
+  s = jnp.where(visible & valid[..., None, None], s, -jnp.inf)
+  # Softmax over all pairs of a query block: segment max and sums by pair_q.
+  segments = jax.vmap(jax.vmap(
+      lambda x, ids, op: op(x, ids, num_segments=nq, indices_are_sorted=True),
+      in_axes=(0, 0, None)), in_axes=(0, 0, None))
+  m = segments(lax.stop_gradient(jnp.max(s, axis=-1)), pair_q, jax.ops.segment_max)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)  # [b, h, nq, bq]
+  m_pair = jnp.take_along_axis(m, pair_q[..., None], axis=2)  # [b, h, pairs, bq]
+  p = jnp.exp(s - m_pair[..., None])
+  l = segments(jnp.sum(p, axis=-1), pair_q, jax.ops.segment_sum)
+  pv = jnp.einsum("bhpij,bhpjd->bhpid", p, vg.astype(jnp.float32))
+  o = segments(pv, pair_q, jax.ops.segment_sum) / jnp.where(l == 0, 1.0, l)[..., None]
+  return o.transpose(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim).astype(q.dtype)
