@@ -51,36 +51,38 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.L
 
   Each pair's scores are one small matmul; the softmax runs across the pairs
   of a query block with segment reductions, so the work follows the number
-  of active pairs, not the longest row.
+  of active pairs, not the longest row. (batch, head) pairs run one after
+  another (`lax.map`), which keeps each one's blocks in cache on CPU.
   """
   batch, q_len, heads, dim = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
   bq, bkv = layout.block_q, layout.block_kv
   nq, nk = q_len // bq, k.shape[1] // bkv
-  rows = _rows(layout, batch)  # [b, h]
-  pair_q, pair_kv, part = layout.pair_q[rows], layout.pair_kv[rows], layout.pair_partial[rows]
-  valid = jnp.broadcast_to(jnp.arange(pair_q.shape[-1]), pair_q.shape) < (
-      layout.num_pairs[rows][..., None])  # [b, h, pairs]
+  rows = _rows(layout, batch).reshape(-1)  # [b * h]
   qb = q.reshape(batch, nq, bq, heads, dim).transpose(0, 3, 1, 2, 4)  # [b, h, nq, bq, d]
   kb = k.reshape(batch, nk, bkv, kv_heads, dim).transpose(0, 3, 1, 2, 4)
   vb = v.reshape(batch, nk, bkv, kv_heads, dim).transpose(0, 3, 1, 2, 4)
-  b_ix = jnp.arange(batch)[:, None, None]
-  h_ix = jnp.arange(heads)[None, :, None]
-  qg = qb[b_ix, h_ix, pair_q]  # [b, h, pairs, bq, d]
-  kg, vg = kb[b_ix, h_ix // group, pair_kv], vb[b_ix, h_ix // group, pair_kv]
-  s = jnp.einsum("bhpid,bhpjd->bhpij", qg, kg, preferred_element_type=jnp.float32) * sm_scale
-  visible = jnp.where((part >= 0)[..., None, None], layout.partial[jnp.maximum(part, 0)], True)
-  s = jnp.where(visible & valid[..., None, None], s, -jnp.inf)
-  # Softmax over all pairs of a query block: segment max and sums by pair_q.
-  segments = jax.vmap(jax.vmap(
-      lambda x, ids, op: op(x, ids, num_segments=nq, indices_are_sorted=True),
-      in_axes=(0, 0, None)), in_axes=(0, 0, None))
-  m = segments(lax.stop_gradient(jnp.max(s, axis=-1)), pair_q, jax.ops.segment_max)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)  # [b, h, nq, bq]
-  m_pair = jnp.take_along_axis(m, pair_q[..., None], axis=2)  # [b, h, pairs, bq]
-  p = jnp.exp(s - m_pair[..., None])
-  l = segments(jnp.sum(p, axis=-1), pair_q, jax.ops.segment_sum)
-  pv = jnp.einsum("bhpij,bhpjd->bhpid", p, vg.astype(jnp.float32))
-  o = segments(pv, pair_q, jax.ops.segment_sum) / jnp.where(l == 0, 1.0, l)[..., None]
-  return o.transpose(0, 2, 3, 1, 4).reshape(batch, q_len, heads, dim).astype(q.dtype)
+
+  def one_head(args):
+    b, h, row = args
+    pair_q, pair_kv, part = layout.pair_q[row], layout.pair_kv[row], layout.pair_partial[row]
+    valid = jnp.arange(pair_q.shape[0]) < layout.num_pairs[row]
+    qg, kg, vg = qb[b, h][pair_q], kb[b, h // group][pair_kv], vb[b, h // group][pair_kv]
+    s = jnp.einsum("pid,pjd->pij", qg, kg, preferred_element_type=jnp.float32) * sm_scale
+    visible = jnp.where((part >= 0)[:, None, None], layout.partial[jnp.maximum(part, 0)], True)
+    s = jnp.where(visible & valid[:, None, None], s, -jnp.inf)
+    # Softmax over all pairs of a query block: segment max and sums by pair_q.
+    segment = lambda op, x: op(x, pair_q, num_segments=nq, indices_are_sorted=True)
+    m = segment(jax.ops.segment_max, lax.stop_gradient(jnp.max(s, axis=-1)))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # [nq, bq]
+    p = jnp.exp(s - m[pair_q][..., None])
+    l = segment(jax.ops.segment_sum, jnp.sum(p, axis=-1))
+    pv = jnp.einsum("pij,pjd->pid", p, vg.astype(jnp.float32))
+    return segment(jax.ops.segment_sum, pv) / jnp.where(l == 0, 1.0, l)[..., None]
+
+  b_ix = jnp.repeat(jnp.arange(batch), heads)
+  h_ix = jnp.tile(jnp.arange(heads), batch)
+  o = lax.map(one_head, (b_ix, h_ix, rows))  # [b * h, nq, bq, d]
+  o = o.reshape(batch, heads, q_len, dim).transpose(0, 2, 1, 3)
+  return o.astype(q.dtype)
