@@ -11,8 +11,6 @@ density) / its sparse time, 1.0 being ideal block skipping.
   python benchmarks/attention.py --seqs=4096 --head_dims=64 --patterns=causal,random_1/8
 """
 
-import time
-
 from absl import app
 from absl import flags
 import jax
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import attention as sja
+from _timing import implementations, timed  # pylint: disable=g-multiple-import
 
 _BACKEND = flags.DEFINE_string("backend", None, "cpu, gpu or tpu (default: jax's default).")
 _SEQS = flags.DEFINE_list("seqs", None, "Sequence lengths (default: 1024,4096; GPU adds 16384).")
@@ -56,24 +55,6 @@ def make_mask(name, t, heads, block):
       table[tuple(off[0])] = False
     return sja.NumpyMask(np.kron(table, np.ones((block, block), bool)))
   raise ValueError(name)
-
-
-def timed(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def implementations(backend):
-  if backend == "gpu":
-    return ["xla", "pallas_triton"]
-  if backend == "tpu":
-    return ["xla", "pallas_tpu"]
-  return ["xla"]
 
 
 def main(argv):

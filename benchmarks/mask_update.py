@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import sparsejax as sj
+from _timing import timed
 
 _SIZES = flags.DEFINE_list("sizes", ["1", "10", "50"], "Model sizes in millions of params.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Batch size of the dense train step.")
@@ -49,16 +50,6 @@ def loss_fn(params, x, y):
     x = jax.nn.relu(x @ layer["w"] + layer["b"][None])
   logits = x @ params[-1]["w"] + params[-1]["b"][None]
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def timed(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def argsort_masks(scores):

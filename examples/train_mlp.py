@@ -5,7 +5,8 @@ the training step has no sparsity-specific code at all.
 
   python examples/train_mlp.py --method=magnitude --sparsity=0.9
   python examples/train_mlp.py --method=rigl --sparsity=0.95 --plot
-  python examples/train_mlp.py --method=rigl --granularity=block   # 4x4 tiles
+  python examples/train_mlp.py --method=rigl --granularity=block   # 4x4 tiles, then
+                                                                   # block-sparse inference
   python examples/train_mlp.py --method=n_m --n=2 --m=4 --estimator=sr_ste
   python examples/train_mlp.py --dataset=npz --data_path=mnist.npz   # your own data
 
@@ -13,6 +14,7 @@ the training step has no sparsity-specific code at all.
 y_test (the layout of Keras' mnist.npz); nothing is downloaded.
 """
 
+import functools
 import time
 
 from absl import app
@@ -49,11 +51,20 @@ _PLOT_PATH = flags.DEFINE_string("plot_path", "train_mlp.png", "Where --plot wri
 
 
 class MLP(nnx.Module):
-  """An MLP with two hidden layers of 256 and 128 units."""
+  """An MLP with two hidden layers of 256 and 128 units.
 
-  def __init__(self, features, classes, rngs):
-    self.hidden1 = nnx.Linear(features, 256, rngs=rngs)
-    self.hidden2 = nnx.Linear(256, 128, rngs=rngs)
+  With `block_shape` the hidden layers are `sj.flax.BlockSparseLinear`: dense
+  kernels while training (the optimizer prunes whole tiles), block-sparse
+  matmuls after `sj.flax.to_block_sparse`.
+  """
+
+  def __init__(self, features, classes, rngs, block_shape=None):
+    if block_shape is None:
+      hidden = nnx.Linear
+    else:
+      hidden = functools.partial(sj.flax.BlockSparseLinear, block_shape=block_shape)
+    self.hidden1 = hidden(features, 256, rngs=rngs)
+    self.hidden2 = hidden(256, 128, rngs=rngs)
     self.out = nnx.Linear(128, classes, rngs=rngs)
 
   def __call__(self, x):
@@ -113,7 +124,10 @@ def main(argv):
   total_steps = steps_per_epoch * _EPOCHS.value
   key = jax.random.key(_SEED.value)
 
-  model = MLP(x_train.shape[1], classes, nnx.Rngs(_SEED.value))
+  block_shape = None
+  if _GRANULARITY.value == "block" and _METHOD.value not in ("dense", "n_m"):
+    block_shape = tuple(int(b) for b in _BLOCK_SHAPE.value)
+  model = MLP(x_train.shape[1], classes, nnx.Rngs(_SEED.value), block_shape)
   tx = optax.adam(_LEARNING_RATE.value)
   if _METHOD.value != "dense":
     granularity, where = None, None  # every kernel, entry by entry; biases stay dense
@@ -159,6 +173,13 @@ def main(argv):
   params = nnx.state(sparse_view(model, optimizer, straight_through), nnx.Param)
   masks = sj.get_masks(optimizer.opt_state) if _METHOD.value != "dense" else None
   print(sj.summary(params, masks))
+  if block_shape is not None:
+    # Inference with block-sparse matmuls over the tiles the optimizer kept.
+    sj.flax.to_block_sparse(model)
+    blocks = {name: f"{int(layer.block_mask[...].sum())}/{layer.block_mask[...].size}"
+              for name, layer in [("hidden1", model.hidden1), ("hidden2", model.hidden2)]}
+    print(f"block-sparse inference: test acc {float(accuracy(model, x_test, y_test)):.4f}, "
+          f"active {block_shape[0]}x{block_shape[1]} tiles {blocks}")
 
   if _PLOT.value:
     import matplotlib  # pylint: disable=g-import-not-at-top

@@ -17,6 +17,11 @@ from sparsejax._src.granularity import Block as Block
 from sparsejax._src.granularity import Channel as Channel
 from sparsejax._src.granularity import block_mask as block_mask
 from sparsejax._src.masks import apply_masks as apply_masks
+from sparsejax._src.matmul.api import block_sparse_matmul as block_sparse_matmul
+from sparsejax._src.matmul.format import BlockSparseMatrix as BlockSparseMatrix
+from sparsejax._src.matmul.patterns import block_diagonal_mask as block_diagonal_mask
+from sparsejax._src.matmul.patterns import butterfly_mask as butterfly_mask
+from sparsejax._src.matmul.patterns import monarch_masks as monarch_masks
 from sparsejax._src.masks import init_masks as init_masks
 from sparsejax._src.masks import summary as summary
 from sparsejax._src.n_m import NMCompressed as NMCompressed
@@ -45,11 +50,13 @@ from sparsejax._src.srigl import SRigLState as SRigLState
 from sparsejax._src.srigl import srigl as srigl
 from sparsejax._src.ste import masked_weight as masked_weight
 from sparsejax._src.topk import topk_mask as topk_mask
+from sparsejax import flax as flax  # sj.flax.BlockSparseLinear / BlockSparseDense
 
 __version__ = "0.1.0"
 
 __all__ = (
     "Block",
+    "BlockSparseMatrix",
     "Channel",
     "DropAndGrowState",
     "ERK",
@@ -62,10 +69,14 @@ __all__ = (
     "Uniform",
     "UpdateContext",
     "apply_masks",
+    "block_diagonal_mask",
     "block_mask",
+    "block_sparse_matmul",
+    "butterfly_mask",
     "compress_n_m",
     "decompress_n_m",
     "drop_and_grow",
+    "flax",
     "get_masks",
     "gradient_score",
     "granet",
@@ -74,6 +85,7 @@ __all__ = (
     "magnitude_score",
     "mask_flips",
     "masked_weight",
+    "monarch_masks",
     "n_m",
     "n_m_mask",
     "n_m_matmul",

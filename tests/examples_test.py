@@ -47,6 +47,10 @@ def test_train_mlp_with_blocks(tmp_path):
                     cwd=tmp_path)
   kernel = next(l for l in out.splitlines() if l.startswith("hidden1/kernel"))
   assert kernel.split()[-1] == "sparse" and "out/kernel" in out
+  # Block-sparse inference over the kept tiles gives the same accuracy.
+  final = out.split("final test accuracy:")[1].split()[0]
+  line = next(l for l in out.splitlines() if l.startswith("block-sparse inference"))
+  assert f"test acc {final}" in line and "hidden1" in line
 
 
 def test_compare_methods_writes_table_and_plot(tmp_path):

@@ -43,3 +43,14 @@ def test_writing_a_method_blocks_run():
     for _ in range(3):
       updates, state = jax.jit(tx.update)(params, state, params)
     assert int(sj.get_masks(state)["w"].sum()) in (6, 32)
+
+
+def test_block_sparse_section_runs():
+  readme = (ROOT / "README.md").read_text()
+  code = re.search(r"```python\n(.*?)```", readme.split("<!-- blocksparse -->")[1], re.S).group(1)
+  scope = {}
+  with jax.numpy_rank_promotion("allow"):
+    exec(compile(code, "README block-sparse", "exec"), scope)  # pylint: disable=exec-used
+  np.testing.assert_allclose(np.asarray(scope["y"]), 128.0)  # half of 256 ones
+  assert scope["layer"].block_mask is not None  # converted: the RigL-free kernel is all blocks
+  assert scope["fly"](np.ones((2, 256), np.float32)).shape == (2, 256)

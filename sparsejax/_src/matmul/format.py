@@ -1,0 +1,201 @@
+"""`BlockSparseMatrix`: a weight stored as its active blocks.
+
+A ``[K, N]`` matrix tiled into ``[bk, bn]`` blocks is a grid of
+``K // bk`` block rows and ``N // bn`` block columns. For each block column
+(each output tile of ``x @ w``) the format keeps the row indices and values
+of its active blocks, padded to a fixed number of slots, and for each block
+row the transposed lists, which the ``dy @ w.T`` pass walks. All fields are
+arrays whose shapes carry the sizes, so a new mask with the same slot counts
+changes data, not shapes: nothing recompiles, and `from_dense` also runs on
+traced masks inside `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class BlockSparseMatrix(NamedTuple):
+  """A ``[K, N]`` matrix as its active ``[bk, bn]`` blocks (a pytree).
+
+  Lists are sorted ascending and padded by repeating their last entry (0 for
+  an empty list), so a kernel that prefetches the next block re-reads the
+  same one; padded slots hold zeros and are ignored by every implementation.
+
+  Attributes:
+    values: [col_blocks, max_per_col, bk, bn]: the active blocks of each block
+      column. The only differentiable field.
+    row_index: int32[col_blocks, max_per_col]: the block row of each slot.
+    count: int32[col_blocks]: active blocks per block column.
+    t_col: int32[row_blocks, max_per_row]: the active block columns of each
+      block row (the transposed lists, for ``dy @ w.T``).
+    t_slot: int32[row_blocks, max_per_row]: the slot of each of those blocks
+      in its column's list.
+    t_count: int32[row_blocks]: active blocks per block row.
+
+  Example:
+    >>> w = sj.BlockSparseMatrix.from_dense(kernel, block_mask)  # host mask
+    >>> y = sj.block_sparse_matmul(x, w)
+    >>> w.to_dense()  # the [K, N] matrix, zeros outside the active blocks
+  """
+
+  values: jax.Array
+  row_index: jax.Array
+  count: jax.Array
+  t_col: jax.Array
+  t_slot: jax.Array
+  t_count: jax.Array
+
+  @property
+  def block_shape(self) -> tuple[int, int]:
+    return tuple(self.values.shape[2:])
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """(row_blocks, col_blocks)."""
+    return self.t_count.shape[0], self.count.shape[0]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    (bk, bn), (rows, cols) = self.block_shape, self.grid
+    return rows * bk, cols * bn
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  @property
+  def max_per_col(self) -> int:
+    return self.values.shape[1]
+
+  @property
+  def max_per_row(self) -> int:
+    return self.t_col.shape[1]
+
+  def valid(self) -> jax.Array:
+    """bool[col_blocks, max_per_col]: which slots hold an active block."""
+    return jnp.arange(self.max_per_col)[None, :] < self.count[:, None]
+
+  def block_mask(self) -> jax.Array:
+    """bool[row_blocks, col_blocks]: True where a block is active."""
+    rows, cols = self.grid
+    col = jnp.broadcast_to(jnp.arange(cols)[:, None], self.row_index.shape)
+    return jnp.zeros((rows, cols), bool).at[self.row_index, col].max(self.valid())
+
+  def cotangent(self, values: jax.Array) -> BlockSparseMatrix:
+    """A gradient of this matrix: `values`, and no gradient for the indices."""
+    return self._replace(values=values, row_index=None, count=None, t_col=None, t_slot=None,
+                         t_count=None)
+
+  def to_dense(self) -> jax.Array:
+    """The ``[K, N]`` matrix: the active blocks in place, zeros elsewhere."""
+    (bk, bn), (rows, cols) = self.block_shape, self.grid
+    col = jnp.broadcast_to(jnp.arange(cols)[:, None], self.row_index.shape)
+    values = jnp.where(self.valid()[:, :, None, None], self.values, 0)
+    blocks = jnp.zeros((rows, cols, bk, bn), self.dtype).at[self.row_index, col].add(values)
+    return blocks.transpose(0, 2, 1, 3).reshape(rows * bk, cols * bn)
+
+  @classmethod
+  def from_dense(cls, w: jax.Array, block_mask: jax.Array | np.ndarray | None = None, *,
+                 block_shape: tuple[int, int] | None = None, max_per_col: int | None = None,
+                 max_per_row: int | None = None) -> BlockSparseMatrix:
+    """Keeps the blocks of `w` that `block_mask` marks active.
+
+    Args:
+      w: [K, N] dense matrix.
+      block_mask: bool[K // bk, N // bn]; None means the blocks of `w` that
+        hold a nonzero (`w` must then be concrete, e.g. a trained kernel).
+      block_shape: (bk, bn); needed only when `block_mask` is None.
+      max_per_col: slots per block column. Default: the largest column count
+        of a concrete mask. Required for a traced mask; a concrete mask
+        that needs more slots raises; a traced one keeps, in each column and
+        row, the first blocks that fit.
+      max_per_row: slots per block row of the transposed lists (same rules).
+
+    Returns:
+      A `BlockSparseMatrix` with ``to_dense() == w * expand(block_mask)``.
+
+    Raises:
+      ValueError: if the shapes do not tile, the mask is not boolean, or a
+        concrete mask needs more slots than given.
+    """
+    if w.ndim != 2:
+      raise ValueError(f"w must be a [K, N] matrix, got shape {w.shape}")
+    if block_mask is None:
+      if block_shape is None:
+        raise ValueError("pass block_mask, or block_shape to use the nonzero blocks of w")
+      if isinstance(w, jax.core.Tracer):
+        raise ValueError("block_mask=None reads the nonzero blocks of w, which needs a concrete "
+                         "w; pass block_mask inside jit")
+      bk, bn = _check_block_shape(w.shape, block_shape)
+      blocks = np.asarray(w).reshape(w.shape[0] // bk, bk, w.shape[1] // bn, bn)
+      block_mask = np.any(blocks != 0, axis=(1, 3))
+    rows, cols = block_mask.shape if block_mask.ndim == 2 else (0, 0)
+    if block_mask.ndim != 2 or block_mask.dtype != bool:
+      raise ValueError(f"block_mask must be a 2-d bool array, got {block_mask.dtype} of shape "
+                       f"{block_mask.shape}")
+    if w.shape[0] % rows or w.shape[1] % cols:
+      raise ValueError(f"block_mask of shape {block_mask.shape} does not tile w of shape "
+                       f"{w.shape}")
+    bk, bn = w.shape[0] // rows, w.shape[1] // cols
+    if block_shape is not None and tuple(block_shape) != (bk, bn):
+      raise ValueError(f"block_shape={tuple(block_shape)} but a block_mask of shape "
+                       f"{block_mask.shape} tiles w of shape {w.shape} into {(bk, bn)} blocks")
+    concrete = not isinstance(block_mask, jax.core.Tracer)
+    if concrete:
+      host = np.asarray(block_mask)
+      need_col, need_row = int(host.sum(0).max()), int(host.sum(1).max())
+      for name, given, need, axis in [("max_per_col", max_per_col, need_col, "column"),
+                                      ("max_per_row", max_per_row, need_row, "row")]:
+        if given is not None and given < need:
+          raise ValueError(f"{name}={given} but a block {axis} of the mask has {need} "
+                           "active blocks")
+      max_per_col = max(need_col, 1) if max_per_col is None else max_per_col
+      max_per_row = max(need_row, 1) if max_per_row is None else max_per_row
+    elif max_per_col is None or max_per_row is None:
+      raise ValueError("a traced block_mask needs max_per_col and max_per_row (the slot counts "
+                       "fix the shapes under jit)")
+    for name, value, limit in [("max_per_col", max_per_col, rows), ("max_per_row", max_per_row,
+                                                                    cols)]:
+      if not 1 <= int(value) <= limit:
+        raise ValueError(f"{name}={value} must be in [1, {limit}]")
+    max_per_col, max_per_row = int(max_per_col), int(max_per_row)
+    block_mask = jnp.asarray(block_mask)
+    # A traced mask that overflows its slots keeps the blocks that fit both
+    # lists (a concrete one was checked above), so forward and backward agree.
+    slot_of = jnp.cumsum(block_mask, axis=0, dtype=jnp.int32) - 1  # slot in its column
+    fits = (slot_of < max_per_col) & (jnp.cumsum(block_mask, axis=1) <= max_per_row)
+    block_mask = block_mask & fits
+    slot_of = jnp.cumsum(block_mask, axis=0, dtype=jnp.int32) - 1
+    row_index, count = _lists(block_mask.T, max_per_col)  # per column
+    t_col, t_count = _lists(block_mask, max_per_row)  # per row
+    t_slot = jnp.clip(jnp.take_along_axis(slot_of, t_col, axis=1), 0, max_per_col - 1)
+    blocks = w.reshape(rows, bk, cols, bn).transpose(2, 0, 1, 3)  # [cols, rows, bk, bn]
+    values = jnp.take_along_axis(blocks, row_index[:, :, None, None], axis=1)
+    valid = jnp.arange(max_per_col)[None, :] < count[:, None]
+    values = jnp.where(valid[:, :, None, None], values, 0).astype(w.dtype)
+    return cls(values, row_index, count, t_col, t_slot, t_count)
+
+
+def _check_block_shape(shape, block_shape) -> tuple[int, int]:
+  try:
+    bk, bn = (int(b) for b in block_shape)
+  except (TypeError, ValueError):
+    raise ValueError(f"block_shape={block_shape!r} must be a pair of integers") from None
+  if bk < 1 or bn < 1 or shape[0] % bk or shape[1] % bn:
+    raise ValueError(f"block_shape={(bk, bn)} does not divide w of shape {tuple(shape)}")
+  return bk, bn
+
+
+def _lists(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """For each row of a bool [n, m] mask, its True columns ascending, padded."""
+  count = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  order = jnp.argsort(~mask, axis=1, stable=True)[:, :size].astype(jnp.int32)
+  last = jnp.take_along_axis(order, jnp.clip(count - 1, 0, size - 1)[:, None], axis=1)
+  slots = jnp.arange(size)[None, :]
+  index = jnp.where(slots < count[:, None], order, jnp.where(count[:, None] > 0, last, 0))
+  return index, jnp.minimum(count, size)

@@ -1,0 +1,264 @@
+"""Every block-sparse matmul implementation against the dense reference.
+
+Values and gradients of x and of the block values under jit. Pallas kernels
+run on CPU in interpret mode (the *Interpret classes); on a GPU or TPU the
+parent classes run them compiled. Lowering checks export the kernels for CUDA
+and TPU.
+"""
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparsejax as sj
+from sparsejax._src.matmul import pallas_gpu
+from sparsejax._src.matmul import pallas_tpu
+
+TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def random_mask(rng, grid, density):
+  mask = rng.random(grid) < density
+  mask[rng.integers(grid[0]), rng.integers(grid[1])] = True  # never empty
+  return mask
+
+
+def check(impl, x, w, cotangent, interpret, block_m=None):
+  """Forward and gradients of `impl` against the float32 reference, under jit."""
+
+  def loss(impl, x, values):
+    y = sj.block_sparse_matmul(x, w._replace(values=values), implementation=impl,
+                               interpret=interpret, block_m=block_m)
+    return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+  (dx, dv), y = grad(impl, x, w.values)
+  x32, v32 = x.astype(jnp.float32), w.values.astype(jnp.float32)
+  (rx, rv), ref = jax.grad(lambda x, v: loss("reference", x, v), argnums=(0, 1),
+                           has_aux=True)(x32, v32)
+  assert y.shape == ref.shape and y.dtype == x.dtype
+  assert dx.shape == x.shape and dx.dtype == x.dtype
+  assert dv.shape == w.values.shape and dv.dtype == w.values.dtype
+  tol = TOLERANCE[x.dtype.type]
+  scale = max(float(jnp.abs(ref).max()), 1.0)
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=tol * scale, rtol=tol)
+  for got, want in [(dx, rx), (dv, rv)]:
+    scale = max(float(jnp.abs(want).max()), 1.0)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol * scale, rtol=tol)
+  # Padded slots get no gradient.
+  np.testing.assert_array_equal(np.asarray(dv)[~np.asarray(w.valid())], 0)
+  return y
+
+
+def case(key, m, k, n, block, density, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  mask = random_mask(rng, (k // block[0], n // block[1]), density)
+  kx, kw, kc = jax.random.split(key, 3)
+  w = sj.BlockSparseMatrix.from_dense(jax.random.normal(kw, (k, n)).astype(dtype), mask)
+  x = jax.random.normal(kx, (m, k)).astype(dtype)
+  cotangent = jax.random.normal(kc, (m, n), jnp.float32)
+  return x, w, cotangent, mask
+
+
+class TestXLA:
+  IMPLEMENTATION = "xla"
+  INTERPRET = None
+  BLOCK = (16, 32)
+  BLOCK_M = None
+
+  def setup_method(self):
+    pass
+
+  @pytest.mark.parametrize("density", [0.25, 1.0])
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  def test_matches_reference(self, density, dtype):
+    bk, bn = self.BLOCK
+    x, w, ct, _ = case(jax.random.key(0), 24, 4 * bk, 3 * bn, self.BLOCK, density, dtype)
+    check(self.IMPLEMENTATION, x, w, ct, self.INTERPRET, self.BLOCK_M)
+
+  def test_leading_dims_and_empty_columns(self):
+    bk, bn = self.BLOCK
+    mask = np.zeros((3, 4), bool)
+    mask[[0, 2], 1] = True
+    mask[1, 3] = True  # columns 0 and 2 empty: their outputs are 0
+    w = sj.BlockSparseMatrix.from_dense(jnp.ones((3 * bk, 4 * bn)), mask)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3 * bk))
+    y = sj.block_sparse_matmul(x, w, implementation=self.IMPLEMENTATION,
+                               interpret=self.INTERPRET, block_m=self.BLOCK_M)
+    assert y.shape == (2, 5, 4 * bn)
+    np.testing.assert_array_equal(np.asarray(y[..., :bn]), 0)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w.to_dense()), atol=1e-4, rtol=1e-4)
+
+
+class TestPallasTriton(TestXLA):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = False
+  BLOCK_M = 16
+
+  def setup_method(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("compiled Triton kernels need a GPU; the Interpret class runs them on CPU")
+
+
+class TestPallasTritonInterpret(TestPallasTriton):
+  INTERPRET = True
+
+
+class TestPallasTPU(TestXLA):
+  IMPLEMENTATION = "pallas_tpu"
+  INTERPRET = False
+  BLOCK = (128, 128)
+  BLOCK_M = 8
+
+  def setup_method(self):
+    if not self.INTERPRET and jax.default_backend() != "tpu":
+      pytest.skip("compiled Mosaic kernels need a TPU; the Interpret class runs them on CPU")
+
+
+class TestPallasTPUInterpret(TestPallasTPU):
+  INTERPRET = True
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(
+    implementation=st.sampled_from(["xla", "pallas_triton"]),
+    bk=st.sampled_from([16, 32, 64, 128]), bn=st.sampled_from([16, 32, 64, 128]),
+    grid=st.tuples(st.integers(1, 4), st.integers(1, 4)), m=st.integers(1, 40),
+    density=st.floats(0.05, 1.0), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 1000))
+def test_random_shapes(implementation, bk, bn, grid, m, density, dtype, seed):
+  x, w, ct, _ = case(jax.random.key(seed), m, grid[0] * bk, grid[1] * bn, (bk, bn), density,
+                     dtype, seed)
+  check(implementation, x, w, ct, True, 16)
+
+
+def test_format_round_trip_and_transposed_lists():
+  rng = np.random.default_rng(0)
+  mask = random_mask(rng, (5, 6), 0.4)
+  dense = rng.standard_normal((5 * 8, 6 * 4)).astype(np.float32)
+  w = sj.BlockSparseMatrix.from_dense(jnp.asarray(dense), mask)
+  assert w.shape == (40, 24) and w.block_shape == (8, 4) and w.grid == (5, 6)
+  assert w.max_per_col == mask.sum(0).max() and w.max_per_row == mask.sum(1).max()
+  np.testing.assert_array_equal(np.asarray(w.block_mask()), mask)
+  np.testing.assert_array_equal(np.asarray(w.to_dense()),
+                                dense * np.kron(mask, np.ones((8, 4), bool)))
+  # Every transposed entry points at the slot holding the same block.
+  for r in range(5):
+    for t in range(int(w.t_count[r])):
+      j, s = int(w.t_col[r, t]), int(w.t_slot[r, t])
+      assert int(w.row_index[j, s]) == r and s < int(w.count[j])
+  np.testing.assert_array_equal(np.asarray(w.count), mask.sum(0))
+  np.testing.assert_array_equal(np.asarray(w.t_count), mask.sum(1))
+  # The nonzero blocks of a masked matrix give the same format.
+  again = sj.BlockSparseMatrix.from_dense(w.to_dense(), block_shape=(8, 4))
+  np.testing.assert_array_equal(np.asarray(again.block_mask()), mask)
+
+
+def test_traced_masks_change_data_not_shapes():
+  rng = np.random.default_rng(1)
+  dense = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
+  traces = []
+
+  @jax.jit
+  def f(mask):
+    traces.append(1)
+    w = sj.BlockSparseMatrix.from_dense(dense, mask, max_per_col=2, max_per_row=3)
+    return sj.block_sparse_matmul(x, w, implementation="xla"), w.block_mask()
+
+  for seed in range(3):
+    mask = np.zeros((4, 4), bool)
+    mask[rng.permutation(4)[:2], seed] = True
+    y, kept = f(jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(kept), mask)
+    expanded = np.kron(mask, np.ones((16, 16), bool))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x @ (dense * expanded)), atol=1e-4)
+  assert len(traces) == 1
+  # A traced mask that overflows its slots keeps the blocks that fit, the
+  # same ones forward and backward.
+  full = jnp.ones((4, 4), bool)
+  y, kept = f(full)
+  assert int(kept.sum(0).max()) <= 2 and int(kept.sum(1).max()) <= 3
+  expanded = np.kron(np.asarray(kept), np.ones((16, 16), bool))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x @ (dense * expanded)), atol=1e-4)
+
+
+def test_bad_input():
+  w = sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((4, 2), bool))
+  with pytest.raises(ValueError, match=r"x.shape\[-1\] must be 64"):
+    sj.block_sparse_matmul(jnp.ones((3, 48)), w)
+  with pytest.raises(ValueError, match="x and w must share one of float32.*bfloat16 and w float32"):
+    sj.block_sparse_matmul(jnp.ones((3, 64), jnp.bfloat16), w)
+  with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+    sj.block_sparse_matmul(jnp.ones((3, 64)), w, implementation="cuda")
+  with pytest.raises(ValueError, match=r"w.row_index has entries outside \[0, 4\)"):
+    sj.block_sparse_matmul(jnp.ones((3, 64)), w._replace(row_index=w.row_index + 3))
+  with pytest.raises(ValueError, match=r"w.t_slot must be an integer array of shape \(4, 2\)"):
+    sj.block_sparse_matmul(jnp.ones((3, 64)), w._replace(t_slot=w.t_slot[:2]))
+  with pytest.raises(ValueError, match="must be a sj.BlockSparseMatrix"):
+    sj.block_sparse_matmul(jnp.ones((3, 64)), jnp.ones((64, 32)))
+  with pytest.raises(ValueError, match=r"block_shape=\(16, 24\) does not divide w of shape "
+                                       r"\(64, 32\)"):
+    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), block_shape=(16, 24))
+  with pytest.raises(ValueError, match=r"block_mask of shape \(3, 2\) does not tile w of shape"):
+    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((3, 2), bool))
+  with pytest.raises(ValueError, match="block_mask must be a 2-d bool array"):
+    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((4, 2)))
+  with pytest.raises(ValueError, match="max_per_col=1 but a block column of the mask has 4"):
+    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((4, 2), bool), max_per_col=1)
+  with pytest.raises(ValueError, match="a traced block_mask needs max_per_col and max_per_row"):
+    jax.jit(lambda m: sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), m))(
+        jnp.ones((4, 2), bool))
+  with pytest.raises(ValueError, match="the TPU kernel needs a block shape of multiples of 128"):
+    sj.block_sparse_matmul(jnp.ones((8, 64)), w, implementation="pallas_tpu")
+  odd = sj.BlockSparseMatrix.from_dense(jnp.ones((48, 32)), np.ones((2, 2), bool))
+  with pytest.raises(ValueError, match="the GPU kernel needs bk a power of 2 >= 16, got 24"):
+    sj.block_sparse_matmul(jnp.ones((8, 48)), odd, implementation="pallas_triton")
+
+
+def _export(fn, platform, *args):
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform, marker", [("cuda", "__gpu$xla.gpu.triton"),
+                                              ("tpu", "tpu_custom_call")])
+def test_kernels_lower_for_gpu_and_tpu(platform, marker):
+  mask = sj.block_diagonal_mask((4, 4), 2)
+  w = sj.BlockSparseMatrix.from_dense(jnp.ones((512, 512), jnp.bfloat16), mask)
+  x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16)
+  kernel = pallas_gpu if platform == "cuda" else pallas_tpu
+  sizes = kernel.BlockSizes.get_default()
+  fwd = lambda x, w: kernel.block_sparse_matmul(x, w, sizes, False)
+  assert _export(fwd, platform, x, w).count(marker) == 1
+  grad = jax.grad(lambda x, v: fwd(x, w._replace(values=v)).astype(jnp.float32).sum(),
+                  argnums=(0, 1))
+  assert _export(grad, platform, x, w.values).count(marker) == 2  # dx, dw
+
+
+def test_patterns():
+  diag = sj.block_diagonal_mask((8, 4), 4)
+  assert diag.shape == (8, 4) and diag.sum() == 8 and diag[0, 0] and diag[7, 3]
+  assert not diag[0, 1]
+  first, second = sj.monarch_masks((16, 8), 4)
+  assert first.shape == (16, 16) and second.shape == (16, 8)
+  assert first.mean() == second.mean() == 0.25
+  # The two factors together reach every output from every input.
+  assert (first.astype(int) @ second.astype(int) > 0).all()
+  fly = sj.butterfly_mask((16, 16), max_stride=4)
+  assert (fly.sum(1) == 4).all() and (fly == fly.T).all() and fly[5, 5] and fly[5, 1]
+  assert not fly[5, 13]  # stride 8 is beyond max_stride
+  wide = sj.butterfly_mask((4, 8))
+  np.testing.assert_array_equal(wide[:, :4], wide[:, 4:])
+  with pytest.raises(ValueError, match="num_blocks=3 must divide both dims"):
+    sj.block_diagonal_mask((8, 4), 3)
+  with pytest.raises(ValueError, match="monarch_masks needs row_blocks a multiple of"):
+    sj.monarch_masks((8, 8), 4)
+  with pytest.raises(ValueError, match="max_stride=16 must be a power of 2 below 16"):
+    sj.butterfly_mask((16, 16), max_stride=16)
+  with pytest.raises(ValueError, match="the smaller of shape=.* a power of 2"):
+    sj.butterfly_mask((6, 12))
