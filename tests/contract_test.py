@@ -245,6 +245,9 @@ def test_inside_chain_and_inject_hyperparams(name):
           learning_rate=1e-2)
   train(injected, entry, make_params())
 
+
+def test_wraps_an_injected_optimizer():
+  entry = METHODS["rigl_block"]  # the wrapper, not the method, meets the inner state here
   inner_injected = sj.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
                                entry.make())
   train(inner_injected, entry, make_params())

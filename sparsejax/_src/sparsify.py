@@ -26,6 +26,7 @@ import optax
 
 from sparsejax._src import masks as masks_lib
 from sparsejax._src import pytree
+from sparsejax._src import sharding
 
 PyTree = Any
 
@@ -170,8 +171,9 @@ def sparsify(
 
   def init_fn(params):
     template = pytree.full_masks(params, where)
-    masks, method_state = method.init(pytree.restrict(template, params))
+    masks, method_state = method.init(sharding.gathered(pytree.restrict(template, params)))
     _check_method_masks(masks, template, "init")
+    masks = sharding.like(masks, pytree.restrict(masks, params))
     return SparsifyState(
         count=jnp.zeros([], jnp.int32),
         masks=masks,
@@ -186,12 +188,13 @@ def sparsify(
     step = state.count
 
     def change(operand):
-      masks, method_state = operand
+      masks, old_state = operand
       new_masks, method_state = method.update(
-          masks, method_state, pytree.restrict(masks, params),
-          pytree.restrict(masks, updates), step)
+          sharding.gathered(masks), old_state, sharding.gathered(pytree.restrict(masks, params)),
+          sharding.gathered(pytree.restrict(masks, updates)), step)
       _check_method_masks(new_masks, masks, "update")
-      return new_masks, method_state
+      # Both branches of the cond must agree in sharding too.
+      return sharding.like(new_masks, masks), sharding.like(method_state, old_state)
 
     masks, method_state = lax.cond(
         jnp.asarray(method.should_update(step), jnp.bool_), change, lambda operand: operand,
