@@ -62,3 +62,33 @@ def test_compare_methods_writes_table_and_plot(tmp_path):
   assert "| sr_ste | " in table and "| 2:4 | 1:8 |" in table
   assert (tmp_path / "cmp.png").stat().st_size > 1000
   assert "dense:" in out
+
+
+def test_train_lm_runs_every_kind(tmp_path):
+  out = run_example("train_lm.py", "--attention=local,s2,bigbird,topk", "--ffn=rigl,n_m,block",
+                    "--steps=4", "--seq=64", "--block=16", "--window=16", "--k_blocks=2",
+                    "--dim=32", "--heads=2", "--layers=1", "--batch=4", "--eval_batches=2",
+                    "--ffn_sparsity=0.5", "--plot_path=lm.png", cwd=tmp_path)
+  cells = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
+  rows = {(c[0], c[2], c[3]): c for c in cells[2:]}  # (attention, FFN, FFN sparsity)
+  assert len(rows) == 8  # the dense baseline, 4 attention kinds, 3 FFN kinds
+  # Exact FFN sparsity: RigL and block RigL at 0.5, N:M 2:4.
+  for key in [("dense", "dense", "0.000"), ("local", "dense", "0.000"), ("s2", "dense", "0.000"),
+              ("bigbird", "dense", "0.000"), ("topk", "dense", "0.000"),
+              ("dense", "rigl", "0.500"), ("dense", "n_m", "0.500"), ("dense", "block", "0.500")]:
+    assert key in rows, (key, list(rows))
+    assert 0 < float(rows[key][4]) < 6  # val loss in nats per byte (uniform: 5.55)
+  assert float(rows[("topk", "dense", "0.000")][1]) == 0.5  # 2 of 4 key blocks
+  # Block-sparse inference over the kept tiles gives the same loss.
+  line = next(l for l in out.splitlines() if "block-sparse inference" in l)
+  assert line.split("val loss ")[1].split()[0] == line.split("val loss ")[2].split()[0]
+  assert (tmp_path / "lm.png").stat().st_size > 1000
+
+
+def test_lottery_keeps_masks_in_soups(tmp_path):
+  out = run_example("lottery.py", "--rounds=2", "--steps=60", "--rewind_step=10",
+                    "--soup_size=2", cwd=tmp_path)
+  assert out.count("(mask kept exactly)") == 2
+  table = [l.split(" | ") for l in out.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
+  assert [row[1] for row in table] == ["0.500", "0.750"]  # ticket sparsity per round
+  assert [row[3] for row in table] == ["0.500", "0.750"]  # soup sparsity per round
