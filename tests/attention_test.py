@@ -133,7 +133,7 @@ class TestPallasTPUInterpret(TestPallasTPU):
     super().test_matches_reference(name)
 
 
-@hypothesis.settings(max_examples=6, deadline=None)
+@hypothesis.settings(max_examples=4, deadline=None)
 @hypothesis.given(
     implementation=st.sampled_from(["xla", "pallas_triton"]),
     block=st.sampled_from([16, 32]), blocks=st.integers(2, 4),

@@ -65,16 +65,15 @@ def test_compare_methods_writes_table_and_plot(tmp_path):
 
 
 def test_train_lm_runs_every_kind(tmp_path):
-  out = run_example("train_lm.py", "--attention=local,s2,bigbird,topk", "--ffn=rigl,n_m,block",
+  out = run_example("train_lm.py", "--attention=s2,topk", "--ffn=rigl,n_m,block",
                     "--steps=4", "--seq=64", "--block=16", "--window=16", "--k_blocks=2",
                     "--dim=32", "--heads=2", "--layers=1", "--batch=4", "--eval_batches=2",
                     "--ffn_sparsity=0.5", "--plot_path=lm.png", cwd=tmp_path)
   cells = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
   rows = {(c[0], c[2], c[3]): c for c in cells[2:]}  # (attention, FFN, FFN sparsity)
-  assert len(rows) == 8  # the dense baseline, 4 attention kinds, 3 FFN kinds
+  assert len(rows) == 6  # the dense baseline, 2 attention kinds, 3 FFN kinds
   # Exact FFN sparsity: RigL and block RigL at 0.5, N:M 2:4.
-  for key in [("dense", "dense", "0.000"), ("local", "dense", "0.000"), ("s2", "dense", "0.000"),
-              ("bigbird", "dense", "0.000"), ("topk", "dense", "0.000"),
+  for key in [("dense", "dense", "0.000"), ("s2", "dense", "0.000"), ("topk", "dense", "0.000"),
               ("dense", "rigl", "0.500"), ("dense", "n_m", "0.500"), ("dense", "block", "0.500")]:
     assert key in rows, (key, list(rows))
     assert 0 < float(rows[key][4]) < 6  # val loss in nats per byte (uniform: 5.55)
@@ -86,7 +85,7 @@ def test_train_lm_runs_every_kind(tmp_path):
 
 
 def test_lottery_keeps_masks_in_soups(tmp_path):
-  out = run_example("lottery.py", "--rounds=2", "--steps=60", "--rewind_step=10",
+  out = run_example("lottery.py", "--rounds=2", "--steps=30", "--rewind_step=10",
                     "--soup_size=2", cwd=tmp_path)
   assert out.count("(mask kept exactly)") == 2
   table = [l.split(" | ") for l in out.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]

@@ -134,11 +134,13 @@ class ERK(_Distribution):
   def __post_init__(self):
     super().__post_init__()
     _check_static("power_scale", self.power_scale)
-    if not float(self.power_scale) >= 0:
-      raise ValueError(f"power_scale={self.power_scale} must be >= 0")
+    if not 0 <= float(self.power_scale) < np.inf:
+      raise ValueError(f"power_scale={self.power_scale} must be a finite number >= 0")
 
   def densities(self, shapes: Sequence[tuple[int, ...]], sparsity: jax.Array) -> list[jax.Array]:
     """ERK densities per leaf for the given shapes, traceable in `sparsity`."""
+    if not shapes:
+      return []
     sizes = np.array([int(np.prod(s)) for s in shapes], np.float64)
     raw = np.array([np.sum(s) / np.prod(s) for s in shapes], np.float64) ** self.power_scale
     if np.all(raw == raw[0]):  # one ratio for all: uniform, without rounding error
@@ -259,7 +261,14 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
   if not scored:
     raise ValueError("scores has no array leaves: there is nothing to mask.")
   paths = [leaves[i][0] for i in scored]
-  arrays = [jnp.asarray(pytree.unwrap(leaves[i][1])) for i in scored]
+  arrays = []
+  for i in scored:
+    path, leaf = leaves[i]
+    try:
+      arrays.append(jnp.asarray(pytree.unwrap(leaf)))
+    except TypeError:
+      raise ValueError(f"{pytree.describe(path, 'scores')}: scores must be float arrays, got "
+                       f"{leaf!r}") from None
   for path, a in zip(paths, arrays):
     if not jnp.issubdtype(a.dtype, jnp.floating):
       raise ValueError(f"{pytree.describe(path, 'scores')}: scores must be floating, got {a.dtype}")

@@ -360,8 +360,9 @@ def granet(
     return jax.tree.map(leaf, masks, pruned, params, grads), state
 
   # The last update falls on end_step itself, so the final sparsity is reached
-  # even when end_step is not a multiple of update_every.
+  # even when end_step is not a multiple of update_every (or is 0).
   return sparsify.SparsityMethod(
       init=init, update=update,
-      should_update=lambda step: ((step > 0) & (step >= begin_step) & (step <= end_step)
-                                  & ((step % update_every == 0) | (step == end_step))))
+      should_update=lambda step: ((step >= begin_step) & (step <= end_step)
+                                  & (((step > 0) & (step % update_every == 0))
+                                     | (step == end_step))))

@@ -180,7 +180,13 @@ def block_mask(mask: jax.Array, block_shape: tuple[int, ...]) -> jax.Array:
   Example:
     >>> layout = sj.block_mask(masks["dense"]["kernel"], (16, 16))
   """
-  block = Block(tuple(int(b) for b in np.asarray(block_shape).reshape(-1)))
+  if not isinstance(block_shape, (tuple, list)):
+    block_shape = np.asarray(block_shape).reshape(-1).tolist()
+  block = Block(tuple(block_shape))
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(f"mask dtype {mask.dtype} must be bool (a mask from sj.get_masks or "
+                     "sj.topk_masks)")
   if len(block.block_shape) > mask.ndim or any(
       d % b for d, b in zip(mask.shape, block._full(mask.shape))):  # pylint: disable=protected-access
     raise ValueError(f"block_shape={block.block_shape} does not divide the mask of shape "

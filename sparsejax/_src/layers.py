@@ -37,6 +37,10 @@ class BlockMask(nnx.Variable):
 
 
 def _check_layer(in_features, out_features, block_shape, block_mask, low_rank):
+  for name, value, minimum in [("in_features", in_features, 1),
+                               ("out_features", out_features, 1), ("low_rank", low_rank, 0)]:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+      raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
   bk, bn = format_lib._check_block_shape((in_features, out_features), block_shape)  # pylint: disable=protected-access
   if block_mask is not None:
     block_mask = np.asarray(block_mask)

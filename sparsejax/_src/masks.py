@@ -83,6 +83,7 @@ def init_masks(
     >>> masks = sj.init_masks(params, 0.9, "erk", key=jax.random.key(0))
     >>> params = sj.apply_masks(params, masks)
   """
+  scores.check_key(key)
   template = pytree.full_masks(params, where)
   return distributions.topk_masks(scores.random(template, key), sparsity, distribution,
                                   granularity=granularity)

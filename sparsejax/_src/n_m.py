@@ -25,24 +25,47 @@ from sparsejax._src import topk
 
 ESTIMATORS = ("hard", "ste", "sr_ste", "decay")
 _MAX_PATTERNS = 5000
+_MAX_TRANSPOSABLE_M = 5
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _check_n_m(n: Any, m: int) -> None:
-  if not isinstance(m, (int, np.integer)) or m < 1:
+  if not _is_int(m) or m < 1:
     raise ValueError(f"m={m!r} must be an integer >= 1")
   if callable(n) or not schedules.is_concrete(n):
     return
-  if not float(n).is_integer() or not 0 <= int(n) <= m:
+  try:
+    ok = np.ndim(n) == 0 and not isinstance(n, (str, bytes)) and float(n).is_integer()
+  except (TypeError, ValueError):
+    ok = False
+  if not ok or not 0 <= int(n) <= m:
     raise ValueError(f"n={n!r} must be an integer with 0 <= n <= m={m}")
 
 
-def _check_leaf(path: pytree.Path, shape: tuple[int, ...], m: int, axis: int) -> int:
+def _check_axis(axis: Any) -> None:
+  if not _is_int(axis):
+    raise ValueError(f"axis={axis!r} must be an integer")
+
+
+def _check_transposable(n: Any, m: int) -> None:
+  if m > _MAX_TRANSPOSABLE_M:
+    raise ValueError(f"transposable {n}:{m} masks are searched exactly over all patterns, which "
+                     f"supports m <= {_MAX_TRANSPOSABLE_M}; got m={m}")
+
+
+def _check_leaf(path: pytree.Path, shape: tuple[int, ...], m: int, axis: int,
+                root: str = "params") -> int:
+  _check_axis(axis)
   if not -len(shape) <= axis < len(shape):
-    raise ValueError(f"axis={axis} is out of range for {pytree.describe(path)} of shape {shape}")
+    raise ValueError(f"axis={axis} is out of range for {pytree.describe(path, root)} of shape "
+                     f"{shape}")
   axis %= len(shape)
   if shape[axis] % m:
     raise ValueError(f"m={m} does not divide axis {axis} (length {shape[axis]}) of "
-                     f"{pytree.describe(path)} of shape {shape}")
+                     f"{pytree.describe(path, root)} of shape {shape}")
   return axis
 
 
@@ -55,7 +78,9 @@ def n_m_mask(scores: jax.Array, n: jax.Array | int, m: int, axis: int = -1) -> j
   Example:
     >>> mask = sj.n_m_mask(jnp.abs(w), 2, 4, axis=0)   # 2:4 along the input dim
   """
-  axis = _check_leaf((), scores.shape, m, axis)
+  _check_n_m(n, m)
+  scores = jnp.asarray(scores)
+  axis = _check_leaf((), scores.shape, m, axis, root="scores")
   moved = jnp.moveaxis(scores, axis, -1)
   key = topk.keys(moved).reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
   index = jnp.arange(m)
@@ -70,6 +95,8 @@ def n_m_mask(scores: jax.Array, n: jax.Array | int, m: int, axis: int = -1) -> j
 
 def _transposable_patterns(n: int, m: int) -> np.ndarray:
   """All m x m 0/1 matrices with n ones in every row and every column."""
+  _check_n_m(n, m)
+  _check_transposable(n, m)
   rows = [np.array(c) for c in itertools.combinations(range(m), n)]
   if len(rows) ** m > 50 * _MAX_PATTERNS * 1000:
     raise ValueError(f"transposable {n}:{m} has too many patterns to search exactly; "
@@ -97,6 +124,11 @@ def transposable_n_m_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
   Example:
     >>> mask = sj.transposable_n_m_mask(jnp.abs(w), 2, 4)
   """
+  if callable(n) or not schedules.is_concrete(n):
+    raise ValueError("transposable masks need a fixed integer n, not a schedule or a traced value")
+  _check_n_m(n, m)
+  _check_transposable(n, m)
+  scores = jnp.asarray(scores)
   if scores.ndim < 2 or scores.shape[-1] % m or scores.shape[-2] % m:
     raise ValueError(f"transposable {n}:{m} needs the last two dims of {scores.shape} "
                      f"to be multiples of m={m}")
@@ -214,8 +246,11 @@ def n_m(
   if estimator != "decay" and grad_scale is not None:
     raise ValueError(f"grad_scale applies to the decay estimator, not {estimator!r}")
   schedules.check_positive_int("update_every", update_every)
+  _check_axis(axis)
   if transposable and callable(n):
     raise ValueError("transposable masks need a fixed n, not a schedule")
+  if transposable:
+    _check_transposable(n, m)
   n_at = n if callable(n) else (lambda step: jnp.asarray(n, jnp.int32))
   as_fn = lambda x: x if callable(x) else (lambda step: jnp.asarray(x, jnp.float32))
   decay_at = as_fn(2e-4 if decay is None and estimator == "sr_ste" else (decay or 0.0))
@@ -278,8 +313,13 @@ def compress_n_m(w: jax.Array, n: int, m: int, axis: int = -2,
     >>> np.testing.assert_array_equal(sj.decompress_n_m(c, w.shape, 2, 4, axis=0), w * mask)
   """
   _check_n_m(n, m)
-  axis = _check_leaf((), w.shape, m, axis)
-  mask = n_m_mask(jnp.abs(w), n, m, axis) if mask is None else mask
+  w = jnp.asarray(w)
+  axis = _check_leaf((), w.shape, m, axis, root="w")
+  if mask is None:
+    mask = n_m_mask(jnp.abs(w), n, m, axis)
+  elif jnp.shape(mask) != w.shape or jnp.result_type(mask) != jnp.bool_:
+    raise ValueError(f"mask must be bool of the shape of w {w.shape}, got "
+                     f"{jnp.result_type(mask)} of shape {jnp.shape(mask)}")
   moved_w, moved_m = jnp.moveaxis(w, axis, -1), jnp.moveaxis(mask, axis, -1)
   groups = moved_w.shape[:-1] + (moved_w.shape[-1] // m, m)
   gw, gm = moved_w.reshape(groups), moved_m.reshape(groups)
@@ -296,9 +336,16 @@ def compress_n_m(w: jax.Array, n: int, m: int, axis: int = -2,
 def decompress_n_m(c: NMCompressed, shape: tuple[int, ...], n: int, m: int,
                    axis: int = -2) -> jax.Array:
   """The dense matrix of `compress_n_m`, zeros at pruned entries."""
-  axis %= len(shape)
+  _check_n_m(n, m)
+  shape = tuple(shape)
+  axis = _check_leaf((), shape, m, axis, root="the dense matrix")
   moved = tuple(np.moveaxis(np.empty(shape, np.int8), axis, -1).shape)
   groups = moved[:-1] + (moved[-1] // m,)
+  expected = groups[:-1] + (groups[-1] * n,)
+  if c.values.shape != expected or c.indices.shape != expected:
+    raise ValueError(f"compressed values and indices of shapes {c.values.shape} and "
+                     f"{c.indices.shape} do not hold a {n}:{m} matrix of shape {shape} along "
+                     f"axis {axis}: expected {expected} for both")
   values = c.values.reshape(groups + (n,))
   indices = c.indices.astype(jnp.int32).reshape(groups + (n,))
   one_hot = jax.nn.one_hot(indices, m, dtype=c.values.dtype)  # (..., n, m)
@@ -321,7 +368,15 @@ def n_m_matmul(x: jax.Array, c: NMCompressed, n: int, m: int) -> jax.Array:
   Returns:
     [..., N]
   """
+  _check_n_m(n, m)
+  if c.values.ndim != 2 or c.indices.shape != c.values.shape:
+    raise ValueError(f"c must be compress_n_m(W, n, m, axis=0) of a 2-d W: values and indices "
+                     f"of one shape (N, K // m * n), got {c.values.shape} and {c.indices.shape}")
   out_dim, kept = c.values.shape
+  if n == 0:
+    raise ValueError("n=0 keeps no weights: n_m_matmul needs n >= 1")
+  if kept % n:
+    raise ValueError(f"c holds {kept} kept weights per output, not a multiple of n={n}")
   k = kept // n * m
   if x.shape[-1] != k:
     raise ValueError(f"x has {x.shape[-1]} features, the compressed weight expects {k}")

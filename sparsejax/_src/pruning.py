@@ -16,13 +16,7 @@ def all_true(params):
   return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
 
 
-def check_key(key: jax.Array) -> None:
-  """Raises ValueError unless `key` is a JAX PRNG key (typed or raw uint32[2])."""
-  ok = isinstance(key, jax.Array) and (
-      jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-      or (key.dtype == jnp.uint32 and key.shape == (2,)))
-  if not ok:
-    raise ValueError(f"key must be a JAX PRNG key such as jax.random.key(0), got {key!r}")
+check_key = scores.check_key
 
 
 def static_random(

@@ -157,7 +157,11 @@ def where_flags(params: PyTree, where: Where | str | Sequence[str] | None) -> li
     raise ValueError("params has no leaves: there is nothing to sparsify.")
   flags = []
   for path, leaf in leaves:
-    flag = leaf is not None and bool(where(path, leaf))
+    try:
+      flag = leaf is not None and bool(where(path, leaf))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"where must return a bool for each leaf; for {describe(path)} it "
+                       f"failed: {e}") from e
     if flag and not jnp.issubdtype(jnp.result_type(unwrap(leaf)), jnp.floating):
       raise ValueError(
           f"where selected {describe(path)} of dtype {jnp.result_type(unwrap(leaf))}; "

@@ -30,6 +30,9 @@ def check_fraction(name: str, value: Any, *, closed: bool = False) -> None:
   """
   if callable(value) or not is_concrete(value):
     return
+  if value is None or isinstance(value, (str, bytes)):
+    # np.asarray would read None as nan and "0.5" as 0.5.
+    raise ValueError(f"{name}={value!r} must be a number or a schedule")
   try:
     v = np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError):
@@ -102,8 +105,12 @@ def polynomial_schedule(
   check_positive_int("end_step", end_step, minimum=0)
   if is_concrete(begin_step) and is_concrete(end_step) and end_step < begin_step:
     raise ValueError(f"{end_step=} must be >= {begin_step=}")
-  if is_concrete(power) and not float(power) > 0:
-    raise ValueError(f"{power=} must be > 0")
+  if is_concrete(power):
+    if not isinstance(power, (int, float, np.integer, np.floating, jax.Array)) or isinstance(
+        power, bool):
+      raise ValueError(f"power={power!r} must be a number > 0")
+    if not 0 < float(power) < np.inf:
+      raise ValueError(f"{power=} must be a finite number > 0")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)

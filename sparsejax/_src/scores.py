@@ -17,6 +17,18 @@ from sparsejax._src import pytree
 PyTree = Any
 
 
+def check_key(key: jax.Array) -> None:
+  """Raises ValueError unless `key` is one JAX PRNG key (typed, or raw uint32[2])."""
+  ok = isinstance(key, jax.Array) and (
+      jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+      or (key.dtype == jnp.uint32 and key.shape == (2,)))
+  if not ok:
+    raise ValueError(f"key must be a JAX PRNG key such as jax.random.key(0), got {key!r}")
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape != ():
+    raise ValueError(f"key must be a single PRNG key such as jax.random.key(0), got an array of "
+                     f"keys of shape {key.shape}")
+
+
 def magnitude(params: PyTree, masks: PyTree) -> PyTree:
   """``|w|`` for active entries, ``-inf`` for pruned ones."""
   return jax.tree.map(lambda w, m: jnp.where(m, jnp.abs(w).astype(jnp.float32), -jnp.inf),

@@ -167,6 +167,9 @@ def sparsify(
   if not isinstance(method, SparsityMethod):
     raise ValueError(
         f"method must be a sj.SparsityMethod (e.g. sj.magnitude(0.9)), got {type(method).__name__}")
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    raise ValueError(
+        f"inner must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {inner!r}")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

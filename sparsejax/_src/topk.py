@@ -219,6 +219,14 @@ def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     >>> sj.topk_mask(jnp.array([0.3, -1.0, 2.0, 0.3]), 2)
     Array([ True, False,  True, False], dtype=bool)
   """
+  scores = jnp.asarray(scores)
+  if jnp.issubdtype(scores.dtype, jnp.complexfloating):
+    raise ValueError(f"scores must be real, got {scores.dtype}")
+  if isinstance(k, (str, bytes)) or jnp.ndim(k) != 0:
+    raise ValueError(f"k={k!r} must be an integer scalar")
+  if (not jnp.issubdtype(jnp.result_type(k), jnp.integer) and not isinstance(k, jax.core.Tracer)
+      and not float(k).is_integer()):
+    raise ValueError(f"k={k!r} must be an integer")
   n = scores.size
   if n > _MAX_SIZE:
     raise ValueError(f"topk_mask supports up to {_MAX_SIZE} entries, got {n}")

@@ -20,6 +20,9 @@ def _check(q, k, v, layout):
   if not isinstance(layout, layout_lib.Layout):
     raise ValueError(f"layout must be a sja.Layout (make_layout or topk_layout), got "
                      f"{type(layout).__name__}")
+  if not all(hasattr(a, "ndim") and hasattr(a, "dtype") for a in (q, k, v)):
+    raise ValueError(f"q, k and v must be arrays, got {type(q).__name__}, {type(k).__name__}, "
+                     f"{type(v).__name__}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k and v must be [batch, seq, heads, head_dim], got {q.shape=}, "
                      f"{k.shape=}, {v.shape=}")
@@ -30,6 +33,8 @@ def _check(q, k, v, layout):
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
     raise ValueError(f"q, k and v must share one of float32, bfloat16, float16, got "
                      f"{q.dtype}, {k.dtype}, {v.dtype}")
+  if dim < 1 or k.shape[2] < 1:
+    raise ValueError(f"head_dim and kv_heads must be >= 1, got {q.shape=} and {k.shape=}")
   if heads % k.shape[2]:
     raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({k.shape[2]})")
   if (q_len, k.shape[1], heads) != (layout.q_len, layout.kv_len, layout.num_heads):
@@ -83,7 +88,14 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS} or None")
-  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+  else:
+    try:
+      sm_scale = float(sm_scale)
+    except (TypeError, ValueError):
+      raise ValueError(f"sm_scale={sm_scale!r} must be a number (or None for "
+                       "1 / sqrt(head_dim))") from None
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   if implementation == "pallas":

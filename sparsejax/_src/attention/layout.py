@@ -165,6 +165,11 @@ def _cached_layout(head_masks: tuple[masks_lib.Mask, ...], block_q: int, block_k
                        jnp.asarray(head_row), max_kv, max_q, max_pairs)
 
 
+def _check_positive_int(name: str, value) -> None:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
 def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: int,
                 block_q: int = 128, block_kv: int = 128) -> Layout:
   """The block-sparse layout of `mask` for `num_heads` heads (host-side, cached).
@@ -181,6 +186,8 @@ def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: in
     >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(1024, 0))
     >>> layout = sja.make_layout(mask, num_heads=H, block_q=128, block_kv=128)
   """
+  for name, value in [("num_heads", num_heads), ("block_q", block_q), ("block_kv", block_kv)]:
+    _check_positive_int(name, value)
   head_masks = masks_lib.as_head_masks(mask, num_heads)
   q_len, kv_len = head_masks[0].shape
   if block_q < 1 or q_len % block_q:
@@ -230,8 +237,18 @@ def topk_layout(q: jax.Array, k: jax.Array, *, block_q: int, block_kv: int, k_bl
   Example:
     >>> layout = sja.topk_layout(q, k, block_q=64, block_kv=64, k_blocks=4)
   """
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"q and k must be [batch, seq, heads, head_dim], got {q.shape=} and "
+                     f"{k.shape=}")
+  if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+    raise ValueError(f"k must be [{q.shape[0]}, kv_len, kv_heads, {q.shape[3]}] to match q, "
+                     f"got {k.shape=}")
+  for name, value in [("block_q", block_q), ("block_kv", block_kv), ("k_blocks", k_blocks)]:
+    _check_positive_int(name, value)
   batch, q_len, heads, dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
+  if kv_heads < 1:
+    raise ValueError(f"k has {kv_heads} heads; kv_heads must be >= 1")
   if q_len % block_q or kv_len % block_kv:
     raise ValueError(f"{q_len=} and {kv_len=} must be multiples of {block_q=} and {block_kv=}")
   if heads % kv_heads:

@@ -25,6 +25,18 @@ def _xp(*arrays):
   return np
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_ints(owner, **values):
+  """Raises ValueError unless each value is an integer >= its minimum (None: any integer)."""
+  for name, (value, minimum) in values.items():
+    if not _is_int(value) or (minimum is not None and value < minimum):
+      bound = "" if minimum is None else f" >= {minimum}"
+      raise ValueError(f"{owner}: {name}={value!r} must be an integer{bound}")
+
+
 def _check_shape(shape):
   if (not isinstance(shape, tuple) or len(shape) != 2
       or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape)):
@@ -122,6 +134,7 @@ class CausalMask(Mask):
 
   def __post_init__(self):
     _check_shape(self.shape)
+    _check_ints("CausalMask", offset=(self.offset, None))
 
   def _eval(self, q, kv, xp):
     return kv <= q + self.offset
@@ -141,6 +154,7 @@ class LocalMask(Mask):
         or not all(w is None or (isinstance(w, (int, np.integer)) and w >= 0)
                    for w in self.window)):
       raise ValueError(f"window={self.window!r} must be (left, right) of ints >= 0 or None")
+    _check_ints("LocalMask", offset=(self.offset, None))
 
   def _eval(self, q, kv, xp):
     left, right = self.window
@@ -178,6 +192,7 @@ class AShapeMask(Mask):
 
   def __post_init__(self):
     _check_shape(self.shape)
+    _check_ints("AShapeMask", sink=(self.sink, None), window=(self.window, None))
     if self.sink < 0 or self.window < 1:
       raise ValueError(f"sink={self.sink} must be >= 0 and window={self.window} >= 1")
 
@@ -206,6 +221,8 @@ class StridedShardMask(Mask):
 
   def __post_init__(self):
     _check_shape(self.shape)
+    _check_ints("StridedShardMask", block=(self.block, None), num_shards=(self.num_shards, None),
+                shard=(self.shard, None), local_window=(self.local_window, 0))
     if self.block < 1 or self.num_shards < 1 or not 0 <= self.shard < self.num_shards:
       raise ValueError(f"need block >= 1, num_shards >= 1 and 0 <= shard < num_shards, got "
                        f"block={self.block}, num_shards={self.num_shards}, shard={self.shard}")
@@ -267,6 +284,8 @@ class BigBirdMask(_TableMask):
 
   def __post_init__(self):
     _check_shape(self.shape)
+    _check_ints("BigBirdMask", block=(self.block, 1), num_global=(self.num_global, 0),
+                window=(self.window, 0), num_random=(self.num_random, 0), seed=(self.seed, 0))
     if self.block < 1 or self.num_global < 0 or self.window < 0 or self.num_random < 0:
       raise ValueError("block must be >= 1 and num_global, window, num_random >= 0")
     nq, nk = -(-self.shape[0] // self.block), -(-self.shape[1] // self.block)
@@ -303,6 +322,13 @@ class VerticalSlashMask(_TableMask):
 
   def __post_init__(self):
     _check_shape(self.shape)
+    for name, values, length in [("vertical", self.vertical, self.shape[1]),
+                                 ("slash", self.slash, None)]:
+      bad = [v for v in values if not _is_int(v) or v < 0 or (length is not None and v >= length)]
+      if bad:
+        allowed = f"key indices in [0, {length})" if length else "diagonal offsets >= 0"
+        raise ValueError(f"VerticalSlashMask: {name}={tuple(values)!r} must hold {allowed}, "
+                         f"got {bad[:5]}")
     vertical, slash = np.zeros(self.shape[1], bool), np.zeros(self.shape[0], bool)
     vertical[list(self.vertical)] = True
     slash[[s for s in self.slash if 0 <= s < self.shape[0]]] = True
@@ -328,8 +354,9 @@ class NumpyMask(_TableMask):
 
   def __post_init__(self):
     a = np.asarray(self.array)
-    if a.ndim != 2 or a.dtype != np.bool_:
-      raise ValueError(f"NumpyMask needs a 2-D bool array, got {a.dtype} of shape {a.shape}")
+    if a.ndim != 2 or a.dtype != np.bool_ or 0 in a.shape:
+      raise ValueError(f"NumpyMask needs a non-empty 2-D bool array, got {a.dtype} of shape "
+                       f"{a.shape}")
     object.__setattr__(self, "array", a)
 
   @property
@@ -379,6 +406,10 @@ def as_head_masks(mask: Mask | MultiHeadMask | Sequence[Mask], num_heads: int) -
   """One mask per head: a single mask is shared by every head."""
   if isinstance(mask, Mask):
     return (mask,) * num_heads
+  if not isinstance(mask, (MultiHeadMask, list, tuple)):
+    hint = "; wrap a bool array with sja.NumpyMask" if isinstance(mask, np.ndarray) else ""
+    raise ValueError(f"mask must be a sja.Mask, a sja.MultiHeadMask or a sequence of masks, got "
+                     f"{type(mask).__name__}{hint}")
   if not isinstance(mask, MultiHeadMask):
     mask = MultiHeadMask(tuple(mask))
   if len(mask) != num_heads:

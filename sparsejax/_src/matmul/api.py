@@ -23,7 +23,10 @@ def _check(x, w):
     raise ValueError(f"w.values must be [col_blocks, max_per_col, bk, bn], got shape "
                      f"{w.values.shape}")
   cols, slots = w.values.shape[:2]
-  rows, per_row = w.t_col.shape if w.t_col.ndim == 2 else (None, None)
+  if w.t_col.ndim != 2:
+    raise ValueError(f"w.t_col must be a 2-d integer array [row_blocks, max_per_row], got "
+                     f"shape {w.t_col.shape}")
+  rows, per_row = w.t_col.shape
   expected = {"row_index": (cols, slots), "count": (cols,), "t_col": (rows, per_row),
               "t_slot": (rows, per_row), "t_count": (rows,)}
   for name, shape in expected.items():
@@ -39,6 +42,8 @@ def _check(x, w):
       if host.size and (host.min() < 0 or host.max() >= limit):
         raise ValueError(f"w.{name} has entries outside [0, {limit}): min {host.min()}, "
                          f"max {host.max()}")
+  if not (hasattr(x, "ndim") and hasattr(x, "dtype")):
+    raise ValueError(f"x must be an array [..., K], got {type(x).__name__}")
   if x.ndim < 1 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"x of shape {x.shape} cannot multiply w of shape {w.shape}: x.shape[-1] "
                      f"must be {w.shape[0]}")
@@ -103,6 +108,8 @@ def block_sparse_matmul(x: jax.Array, w: format_lib.BlockSparseMatrix, *,
   else:
     kernel = pallas_tpu if implementation == "pallas_tpu" else pallas_gpu
     sizes = kernel.BlockSizes.get_default()
+    if block_m is not None and (not isinstance(block_m, (int, np.integer)) or block_m < 1):
+      raise ValueError(f"block_m={block_m!r} must be an integer >= 1")
     if block_m is not None:
       sizes = kernel.BlockSizes(block_m=int(block_m))
     rows = x2.shape[0]

@@ -123,6 +123,8 @@ class BlockSparseMatrix(NamedTuple):
       ValueError: if the shapes do not tile, the mask is not boolean, or a
         concrete mask needs more slots than given.
     """
+    if not isinstance(w, jax.Array):
+      w = jnp.asarray(w)
     if w.ndim != 2:
       raise ValueError(f"w must be a [K, N] matrix, got shape {w.shape}")
     if block_mask is None:
@@ -134,10 +136,16 @@ class BlockSparseMatrix(NamedTuple):
       bk, bn = _check_block_shape(w.shape, block_shape)
       blocks = np.asarray(w).reshape(w.shape[0] // bk, bk, w.shape[1] // bn, bn)
       block_mask = np.any(blocks != 0, axis=(1, 3))
+    if not isinstance(block_mask, (jax.Array, np.ndarray)):
+      block_mask = np.asarray(block_mask)
     rows, cols = block_mask.shape if block_mask.ndim == 2 else (0, 0)
-    if block_mask.ndim != 2 or block_mask.dtype != bool:
-      raise ValueError(f"block_mask must be a 2-d bool array, got {block_mask.dtype} of shape "
-                       f"{block_mask.shape}")
+    if block_mask.ndim != 2 or block_mask.dtype != bool or rows < 1 or cols < 1:
+      raise ValueError(f"block_mask must be a 2-d bool array with at least one block, got "
+                       f"{block_mask.dtype} of shape {block_mask.shape}")
+    for name, value in [("max_per_col", max_per_col), ("max_per_row", max_per_row)]:
+      if value is not None and (not isinstance(value, (int, np.integer))
+                                or isinstance(value, bool)):
+        raise ValueError(f"{name}={value!r} must be an integer")
     if w.shape[0] % rows or w.shape[1] % cols:
       raise ValueError(f"block_mask of shape {block_mask.shape} does not tile w of shape "
                        f"{w.shape}")

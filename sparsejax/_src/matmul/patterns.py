@@ -10,11 +10,23 @@ from __future__ import annotations
 import numpy as np
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_int(name: str, value) -> None:
+  if not _is_int(value):
+    raise ValueError(f"{name}={value!r} must be an integer")
+
+
 def _grid(shape) -> tuple[int, int]:
   try:
-    rows, cols = (int(s) for s in shape)
+    rows, cols = shape
   except (TypeError, ValueError):
     raise ValueError(f"shape={shape!r} must be a (row_blocks, col_blocks) pair") from None
+  if not (_is_int(rows) and _is_int(cols)):
+    raise ValueError(f"shape={shape!r} must be a (row_blocks, col_blocks) pair of integers")
+  rows, cols = int(rows), int(cols)
   if rows < 1 or cols < 1:
     raise ValueError(f"shape={(rows, cols)} must be positive")
   return rows, cols
@@ -34,6 +46,7 @@ def block_diagonal_mask(shape: tuple[int, int], num_blocks: int) -> np.ndarray:
     >>> sj.block_diagonal_mask((8, 8), 4)  # four 2x2 groups of blocks
   """
   rows, cols = _grid(shape)
+  _check_int("num_blocks", num_blocks)
   if num_blocks < 1 or rows % num_blocks or cols % num_blocks:
     raise ValueError(f"num_blocks={num_blocks} must divide both dims of shape={(rows, cols)}")
   return (np.arange(rows)[:, None] // (rows // num_blocks)
@@ -64,6 +77,7 @@ def monarch_masks(shape: tuple[int, int], num_blocks: int) -> tuple[np.ndarray, 
     >>> m1, m2 = sj.monarch_masks((16, 16), 4)
   """
   rows, cols = _grid(shape)
+  _check_int("num_blocks", num_blocks)
   if num_blocks < 1 or rows % (num_blocks * num_blocks) or cols % num_blocks:
     raise ValueError(f"monarch_masks needs row_blocks a multiple of num_blocks**2 and "
                      f"col_blocks a multiple of num_blocks; got shape={(rows, cols)}, "
@@ -102,6 +116,8 @@ def butterfly_mask(shape: tuple[int, int], max_stride: int | None = None) -> np.
   if n & (n - 1) or max(rows, cols) % n:
     raise ValueError(f"butterfly_mask needs the smaller of shape={(rows, cols)} a power of 2 "
                      "dividing the larger")
+  if max_stride is not None:
+    _check_int("max_stride", max_stride)
   max_stride = max(n // 2, 1) if max_stride is None else int(max_stride)
   if max_stride < 1 or max_stride & (max_stride - 1) or (n > 1 and max_stride >= n):
     raise ValueError(f"max_stride={max_stride} must be a power of 2 below {n}")
