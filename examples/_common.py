@@ -1,5 +1,7 @@
 """Data and method set-up shared by the examples (no flags here)."""
 
+from flax import nnx
+import jax
 import numpy as np
 import optax
 
@@ -77,3 +79,24 @@ def make_method(name, sparsity, distribution, total_steps, key, granularity=None
     return sj.n_m(n, m, axis=-2, estimator=estimator, grad_scale=grad_scale)
   raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
 
+
+@nnx.jit(static_argnames="straight_through")
+def train_step(model, optimizer, x, y, straight_through=False):
+  """One step of softmax cross-entropy on integer labels; returns the loss.
+
+  With `straight_through` (N:M, which keeps dense weights) the forward pass
+  sees the weights masked, and the estimator in the optimizer decides what
+  the pruned ones learn.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  masks = sj.get_masks(optimizer.opt_state) if straight_through else None
+
+  def loss_fn(params):
+    if straight_through:
+      params = sj.apply_masks(params, masks, ste=True)
+    logits = nnx.merge(graphdef, params, rest)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  optimizer.update(model, grads)
+  return loss

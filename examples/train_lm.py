@@ -40,6 +40,7 @@ import optax
 
 import sparsejax as sj
 from sparsejax import attention as sja
+from _common import train_step
 
 ATTENTION = ("dense", "local", "s2", "bigbird", "topk")
 FFN = ("dense", "rigl", "n_m", "block")
@@ -193,21 +194,6 @@ def make_optimizer(model, ffn):
 
 def cross_entropy(model, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-
-@nnx.jit(static_argnames="straight_through")
-def train_step(model, optimizer, x, y, straight_through=False):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  masks = sj.get_masks(optimizer.opt_state) if straight_through else None
-
-  def loss_fn(params):
-    if straight_through:  # N:M keeps dense weights; the forward pass sees them masked
-      params = sj.apply_masks(params, masks, ste=True)
-    return cross_entropy(nnx.merge(graphdef, params, rest), x, y)
-
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  optimizer.update(model, grads)
-  return loss
 
 
 @nnx.jit

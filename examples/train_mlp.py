@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 import sparsejax as sj
-from _common import ESTIMATORS, load_data, make_method, METHODS  # pylint: disable=g-multiple-import
+from _common import ESTIMATORS, load_data, make_method, METHODS, train_step  # pylint: disable=g-multiple-import
 
 _METHOD = flags.DEFINE_enum("method", "magnitude", METHODS, "Sparsity method.")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Target sparsity of the sparsified leaves.")
@@ -71,22 +71,6 @@ class MLP(nnx.Module):
     x = jax.nn.relu(self.hidden1(x))
     x = jax.nn.relu(self.hidden2(x))
     return self.out(x)
-
-
-@nnx.jit(static_argnames="straight_through")
-def train_step(model, optimizer, x, y, straight_through=False):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  masks = sj.get_masks(optimizer.opt_state) if straight_through else None
-
-  def loss_fn(params):
-    if straight_through:  # N:M keeps dense weights; the forward pass sees them masked
-      params = sj.apply_masks(params, masks, ste=True)
-    logits = nnx.merge(graphdef, params, rest)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  optimizer.update(model, grads)
-  return loss
 
 
 def sparse_view(model, optimizer, straight_through):
