@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import attention as sja
-from _timing import implementations, timed  # pylint: disable=g-multiple-import
+from _common import implementations, timed  # pylint: disable=g-multiple-import
 
 _BACKEND = flags.DEFINE_string("backend", None, "cpu, gpu or tpu (default: jax's default).")
 _SEQS = flags.DEFINE_list("seqs", None, "Sequence lengths (default: 1024,4096; GPU adds 16384).")

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import sparsejax as sj
-from _timing import timed
+from _common import mlp_loss, mlp_params, timed  # pylint: disable=g-multiple-import
 
 _SIZES = flags.DEFINE_list("sizes", ["1", "10", "50"], "Model sizes in millions of params.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Batch size of the dense train step.")
@@ -36,20 +36,6 @@ _SPARSITY = 0.9
 def hidden_for(millions):
   # 784 h + h^2 + 10 h params; a multiple of 8 so N:M groups fit
   return int((-794 + np.sqrt(794**2 + 4 * millions * 1e6)) / 2) // 8 * 8
-
-
-def make_params(h, key):
-  sizes = [784, h, h, 10]
-  keys = jax.random.split(key, 3)
-  return [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
-          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-
-
-def loss_fn(params, x, y):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"][None])
-  logits = x @ params[-1]["w"] + params[-1]["b"][None]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def argsort_masks(scores):
@@ -73,14 +59,14 @@ def main(argv):
   print("-" * len(header))
   for size in _SIZES.value:
     h = hidden_for(float(size))
-    params = make_params(h, jax.random.key(0))
+    params = mlp_params(jax.random.key(0), [784, h, h, 10])
     n = sum(p.size for p in jax.tree.leaves(params))
     x = jax.random.normal(jax.random.key(1), (_BATCH.value, 784))
     y = jax.random.randint(jax.random.key(2), (_BATCH.value,), 0, 10)
     tx = optax.adam(1e-3)
 
     def train_step(params, state):
-      grads = jax.grad(loss_fn)(params, x, y)
+      grads = jax.grad(mlp_loss)(params, x, y)
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
@@ -107,7 +93,7 @@ def main(argv):
                      key=jax.random.key(3))
     restricted = [{"w": layer["w"], "b": None} for layer in params]
     masks, state = method.init(restricted)
-    grads = jax.grad(loss_fn)(params, x, y)
+    grads = jax.grad(mlp_loss)(params, x, y)
     restricted_grads = [{"w": g["w"], "b": None} for g in grads]
     rigl_update = jax.jit(lambda m, p, g: method.update(m, state, p, g, jnp.int32(1))[0])
     cells.append(timed(rigl_update, masks, restricted, restricted_grads, repeats=repeats))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparsejax as sj
-from _timing import implementations, timed  # pylint: disable=g-multiple-import
+from _common import implementations, timed  # pylint: disable=g-multiple-import
 
 _BACKEND = flags.DEFINE_string("backend", None, "cpu, gpu or tpu (default: jax's default).")
 _SIZES = flags.DEFINE_list("sizes", None, "M = K = N (default: 512,2048 on CPU, else 1024,4096).")

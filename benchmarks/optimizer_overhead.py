@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import sparsejax as sj
+from _common import mlp_loss, mlp_params  # pylint: disable=g-multiple-import
 
 _HIDDEN = flags.DEFINE_integer("hidden", 3000, "Width of the hidden layers.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Number of hidden layers.")
@@ -31,23 +32,9 @@ _SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Sparsity of the sparsified leav
 _IN, _OUT = 784, 10
 
 
-def make_params(key, hidden, layers):
-  sizes = [_IN] + [hidden] * layers + [_OUT]
-  keys = jax.random.split(key, len(sizes) - 1)
-  return [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
-          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-
-
-def loss_fn(params, x, y):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"][None])
-  logits = x @ params[-1]["w"] + params[-1]["b"][None]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
 def make_step(tx):
   def step(params, state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
+    grads = jax.grad(mlp_loss)(params, x, y)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   # Params and state are donated, as in a real training loop.
@@ -69,7 +56,7 @@ def configs(sparsity, every):
 def main(argv):
   del argv
   every = _UPDATE_EVERY.value
-  params0 = make_params(jax.random.key(0), _HIDDEN.value, _LAYERS.value)
+  params0 = mlp_params(jax.random.key(0), [_IN] + [_HIDDEN.value] * _LAYERS.value + [_OUT])
   n_params = sum(p.size for p in jax.tree.leaves(params0))
   kx, ky = jax.random.split(jax.random.key(1))
   x = jax.random.normal(kx, (_BATCH.value, _IN))

@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmark scripts: timing and the MLP they train."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def timed(fn, *args, repeats):
+  """Median wall time of `fn(*args)` over `repeats` runs, after one warm-up."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def implementations(backend):
+  """The block-sparse implementations worth timing on `backend`."""
+  if backend == "gpu":
+    return ["xla", "pallas_triton"]
+  if backend == "tpu":
+    return ["xla", "pallas_tpu"]
+  return ["xla"]
+
+
+def mlp_params(key, sizes):
+  """A list of {"w", "b"} layers for `sizes` = [inputs, hidden..., outputs]."""
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
+          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+
+def mlp_loss(params, x, y):
+  """Softmax cross-entropy of the ReLU MLP `params` on integer labels."""
+  for layer in params[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"][None])
+  logits = x @ params[-1]["w"] + params[-1]["b"][None]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
