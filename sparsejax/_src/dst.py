@@ -126,6 +126,12 @@ def check_steps(begin_step, end_step, update_every):
     raise ValueError(f"{end_step=} must be >= {begin_step=}")
 
 
+def periodic_updates(begin_step, end_step, update_every):
+  """`should_update` of the drop-and-grow family: every `update_every` steps in [begin, end)."""
+  return lambda step: ((step > 0) & (step >= begin_step) & (step < end_step)
+                       & (step % update_every == 0))
+
+
 def drop_fraction_schedule(drop_fraction, default, begin_step, end_step):
   if drop_fraction is None:
     return cosine_fraction(default, begin_step, end_step)
@@ -194,7 +200,7 @@ def drop_and_grow(
   fraction = drop_fraction_schedule(drop_fraction, 0.3, begin_step, end_step)
   dist = distributions.as_distribution(distribution)
   unit = granularities.as_granularity(granularity)
-  pruning.check_key(key)
+  scores.check_key(key)
   if not (callable(drop_score) and callable(grow_score)):
     raise ValueError("drop_score and grow_score must be callables (params, grads, masks, ctx)")
   if score_state is not None and not (
@@ -203,9 +209,7 @@ def drop_and_grow(
     raise ValueError(f"score_state must be a pair of callables (init, update), got {score_state!r}")
 
   def init(params):
-    template = pruning.all_true(params)
-    masks = distributions.topk_masks(scores.random(template, key), sparsity, dist,
-                                     granularity=granularity)
+    masks = pruning.random_masks(params, sparsity, dist, key, granularity)
     state = score_state[0](masks) if score_state else None
     return masks, DropAndGrowState(state)
 
@@ -222,10 +226,9 @@ def drop_and_grow(
     new_state = score_state[1](state.score_state, masks, new, step) if score_state else None
     return new, DropAndGrowState(new_state)
 
-  return sparsify.SparsityMethod(
-      init=init, update=update,
-      should_update=lambda step: ((step > 0) & (step >= begin_step) & (step < end_step)
-                                  & (step % update_every == 0)))
+  return sparsify.SparsityMethod(init=init, update=update,
+                                 should_update=periodic_updates(begin_step, end_step,
+                                                                update_every))
 
 
 def set_evolution(
@@ -338,13 +341,10 @@ def granet(
   fraction = drop_fraction_schedule(drop_fraction, 0.5, begin_step, end_step)
   dist = distributions.as_distribution(distribution)
   unit = granularities.as_granularity(granularity)
-  pruning.check_key(key)
+  scores.check_key(key)
 
   def init(params):
-    template = pruning.all_true(params)
-    masks = distributions.topk_masks(scores.random(template, key), init_sparsity, dist,
-                                     granularity=granularity)
-    return masks, None
+    return pruning.random_masks(params, init_sparsity, dist, key, granularity), None
 
   def update(masks, state, params, grads, step):
     pruned = distributions.topk_masks(scores.magnitude(params, masks), schedule, dist,

@@ -10,6 +10,7 @@ them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -24,7 +25,6 @@ from sparsejax._src import sparsify
 from sparsejax._src import topk
 
 ESTIMATORS = ("hard", "ste", "sr_ste", "decay")
-_MAX_PATTERNS = 5000
 _MAX_TRANSPOSABLE_M = 5
 
 
@@ -93,14 +93,13 @@ def n_m_mask(scores: jax.Array, n: jax.Array | int, m: int, axis: int = -1) -> j
   return jnp.moveaxis(mask, -1, axis)
 
 
+@functools.lru_cache(maxsize=None)
 def _transposable_patterns(n: int, m: int) -> np.ndarray:
-  """All m x m 0/1 matrices with n ones in every row and every column."""
-  _check_n_m(n, m)
-  _check_transposable(n, m)
+  """All m x m 0/1 matrices with n ones in every row and every column (m <= 5).
+
+  Cached: leaves and traces with the same n:m share one enumeration.
+  """
   rows = [np.array(c) for c in itertools.combinations(range(m), n)]
-  if len(rows) ** m > 50 * _MAX_PATTERNS * 1000:
-    raise ValueError(f"transposable {n}:{m} has too many patterns to search exactly; "
-                     "transposable masks support m <= 5")
   patterns = []
   for choice in itertools.product(rows, repeat=m):
     p = np.zeros((m, m), bool)
@@ -108,10 +107,9 @@ def _transposable_patterns(n: int, m: int) -> np.ndarray:
       p[r, cols] = True
     if np.all(p.sum(0) == n):
       patterns.append(p)
-  if len(patterns) > _MAX_PATTERNS:
-    raise ValueError(f"transposable {n}:{m} has {len(patterns)} patterns; at most "
-                     f"{_MAX_PATTERNS} are searched")
-  return np.stack(patterns)
+  patterns = np.stack(patterns)
+  patterns.setflags(write=False)  # shared through the cache
+  return patterns
 
 
 def transposable_n_m_mask(scores: jax.Array, n: int, m: int) -> jax.Array:

@@ -16,7 +16,10 @@ def all_true(params):
   return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
 
 
-check_key = scores.check_key
+def random_masks(params, sparsity, dist, key, granularity=None):
+  """Masks keeping a uniformly random `1 - sparsity` of each leaf's share (`dist`)."""
+  return distributions.topk_masks(scores.random(all_true(params), key), sparsity, dist,
+                                  granularity=granularity)
 
 
 def static_random(
@@ -43,12 +46,10 @@ def static_random(
   schedules.check_fraction("sparsity", sparsity)
   dist = distributions.as_distribution(distribution)
   granularities.as_granularity(granularity)
-  check_key(key)
+  scores.check_key(key)
 
   def init(params):
-    masks = all_true(params)
-    return distributions.topk_masks(scores.random(masks, key), sparsity, dist,
-                                    granularity=granularity), None
+    return random_masks(params, sparsity, dist, key, granularity), None
 
   return sparsify.SparsityMethod(
       init=init,

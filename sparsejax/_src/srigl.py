@@ -128,7 +128,7 @@ def srigl(
   dist = distributions.as_distribution(distribution)
   if isinstance(dist, distributions.Global):
     raise ValueError("srigl needs a per-leaf density: use distribution='uniform' or 'erk'")
-  pruning.check_key(key)
+  scores.check_key(key)
 
   def fan_in_counts(params):
     leaves, _ = pytree.flatten(params)
@@ -174,8 +174,7 @@ def srigl(
     unflatten = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflatten(new_masks), SRigLState(unflatten(new_alive), state.budget)
 
-  return sparsify.SparsityMethod(
-      init=init, update=update,
-      should_update=lambda step: ((step > 0) & (step >= begin_step) & (step < end_step)
-                                  & (step % update_every == 0)))
+  return sparsify.SparsityMethod(init=init, update=update,
+                                 should_update=dst.periodic_updates(begin_step, end_step,
+                                                                    update_every))
 
