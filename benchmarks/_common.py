@@ -41,3 +41,14 @@ def mlp_loss(params, x, y):
     x = jax.nn.relu(x @ layer["w"] + layer["b"][None])
   logits = x @ params[-1]["w"] + params[-1]["b"][None]
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def argsort_masks(scores, sparsity):
+  """The usual exact top-k: rank every entry of each leaf with a full argsort."""
+  def one(s):
+    if s is None:
+      return None
+    k = int(round((1 - sparsity) * s.size))
+    order = jnp.argsort(-s.reshape(-1), stable=True)
+    return jnp.zeros(s.size, bool).at[order[:k]].set(True).reshape(s.shape)
+  return jax.tree.map(one, scores, is_leaf=lambda x: x is None)

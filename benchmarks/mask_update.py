@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import sparsejax as sj
-from _common import mlp_loss, mlp_params, timed  # pylint: disable=g-multiple-import
+from _common import argsort_masks, mlp_loss, mlp_params, timed  # pylint: disable=g-multiple-import
 
 _SIZES = flags.DEFINE_list("sizes", ["1", "10", "50"], "Model sizes in millions of params.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Batch size of the dense train step.")
@@ -36,16 +36,6 @@ _SPARSITY = 0.9
 def hidden_for(millions):
   # 784 h + h^2 + 10 h params; a multiple of 8 so N:M groups fit
   return int((-794 + np.sqrt(794**2 + 4 * millions * 1e6)) / 2) // 8 * 8
-
-
-def argsort_masks(scores):
-  def one(s):
-    if s is None:
-      return None
-    k = int(round((1 - _SPARSITY) * s.size))
-    order = jnp.argsort(-s.reshape(-1), stable=True)
-    return jnp.zeros(s.size, bool).at[order[:k]].set(True).reshape(s.shape)
-  return jax.tree.map(one, scores, is_leaf=lambda x: x is None)
 
 
 def main(argv):
@@ -101,7 +91,7 @@ def main(argv):
     cells.append(timed(n_m_masks, scores, repeats=repeats))
 
     if float(size) <= _ARGSORT_MAX.value:
-      cells.append(timed(jax.jit(argsort_masks), scores, repeats=1))
+      cells.append(timed(jax.jit(lambda s: argsort_masks(s, _SPARSITY)), scores, repeats=1))
     else:
       cells.append(None)
     text = [f"{1e3 * t:8.1f} ms {t / dense:5.2f}x" if t is not None else f"{'skipped':>16}"

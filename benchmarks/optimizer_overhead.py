@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import sparsejax as sj
-from _common import mlp_loss, mlp_params  # pylint: disable=g-multiple-import
+from _common import argsort_masks, mlp_loss, mlp_params, timed  # pylint: disable=g-multiple-import
 
 _HIDDEN = flags.DEFINE_integer("hidden", 3000, "Width of the hidden layers.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Number of hidden layers.")
@@ -95,26 +95,11 @@ def main(argv):
   flat = jax.tree.map(jnp.abs, params0)
   scores = [{"w": layer["w"], "b": None} for layer in flat]
 
-  def argsort_masks(scores):
-    # The usual exact top-k: rank every entry with a full argsort.
-    def one(s):
-      k = int(round((1 - _SPARSITY.value) * s.size))
-      order = jnp.argsort(-s.reshape(-1), stable=True)
-      return jnp.zeros(s.size, bool).at[order[:k]].set(True).reshape(s.shape)
-    return [{"w": one(layer["w"]), "b": None} for layer in scores]
-
   candidates = {f"top-k, {d}": (lambda s, d=d: sj.topk_masks(s, _SPARSITY.value, d))
                 for d in ("uniform", "erk", "global")}
-  candidates["argsort, uniform (reference)"] = argsort_masks
+  candidates["argsort, uniform (reference)"] = lambda s: argsort_masks(s, _SPARSITY.value)
   for label, fn in candidates.items():
-    update = jax.jit(fn)
-    jax.block_until_ready(update(scores))
-    times = []
-    for _ in range(_ROUNDS.value):
-      start = time.perf_counter()
-      jax.block_until_ready(update(scores))
-      times.append(time.perf_counter() - start)
-    t = np.median(times)
+    t = timed(jax.jit(fn), scores, repeats=_ROUNDS.value)
     print(f"{label:<30} {1e3 * t:9.2f} {t / dense:12.2f}x")
 
 

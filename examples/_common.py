@@ -100,3 +100,11 @@ def train_step(model, optimizer, x, y, straight_through=False):
   loss, grads = jax.value_and_grad(loss_fn)(params)
   optimizer.update(model, grads)
   return loss
+
+
+def sparse_view(model, optimizer, straight_through):
+  """The model as it is deployed: with N:M masks applied to the dense weights."""
+  if not straight_through:
+    return model
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return nnx.merge(graphdef, sj.sparse_params(params, optimizer.opt_state), rest)

@@ -8,7 +8,7 @@ a line. Each configuration is one jitted program that trains all seeds in
 turn, so the whole comparison compiles 35 programs.
 
   python examples/compare_methods.py                       # ~3 min on 2 CPU cores
-  python examples/compare_methods.py --methods=rigl,set_evolution --seeds=5 --nom_n
+  python examples/compare_methods.py --methods=rigl,set_evolution --seeds=5 --non_m
 """
 
 import time

@@ -40,7 +40,7 @@ import optax
 
 import sparsejax as sj
 from sparsejax import attention as sja
-from _common import train_step
+from _common import sparse_view, train_step  # pylint: disable=g-multiple-import
 
 ATTENTION = ("dense", "local", "s2", "bigbird", "topk")
 FFN = ("dense", "rigl", "n_m", "block")
@@ -62,6 +62,8 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Validation batches.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _PLOT_PATH = flags.DEFINE_string("plot_path", "train_lm.png", "Loss-curve PNG ('' for none).")
+
+_FFN_BLOCK = (16, 16)  # tile of the block-sparse FFN
 
 # Standard-library modules whose source makes the default corpus (~1 MB).
 _CORPUS_MODULES = ("argparse", "collections/__init__", "dataclasses", "difflib", "enum",
@@ -146,7 +148,7 @@ class TransformerBlock(nnx.Module):
     self.attention = Attention(attention, rngs)
     self.norm2 = nnx.LayerNorm(d, rngs=rngs)
     if ffn == "block":
-      linear = functools.partial(sj.flax.BlockSparseLinear, block_shape=(16, 16))
+      linear = functools.partial(sj.flax.BlockSparseLinear, block_shape=_FFN_BLOCK)
     else:
       linear = nnx.Linear
     self.up = linear(d, 4 * d, rngs=rngs)
@@ -179,14 +181,11 @@ def make_optimizer(model, ffn):
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, _LEARNING_RATE.value, steps // 10,
                                                       steps), weight_decay=0.01)
   key, where = jax.random.key(_SEED.value), r"(up|down)/kernel"
-  if ffn == "rigl":
+  if ffn in ("rigl", "block"):  # block: RigL over whole FFN tiles
+    granularity = sj.Block(_FFN_BLOCK) if ffn == "block" else None
     tx = sj.sparsify(tx, sj.rigl(_FFN_SPARSITY.value, end_step=3 * steps // 4,
                                  update_every=max(steps // 20, 1), distribution="uniform",
-                                 key=key), where=where)
-  elif ffn == "block":
-    tx = sj.sparsify(tx, sj.rigl(_FFN_SPARSITY.value, end_step=3 * steps // 4,
-                                 update_every=max(steps // 20, 1), distribution="uniform",
-                                 granularity=sj.Block((16, 16)), key=key), where=where)
+                                 granularity=granularity, key=key), where=where)
   elif ffn == "n_m":
     tx = sj.sparsify(tx, sj.n_m(2, 4, axis=-2, estimator="sr_ste"), where=where)
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -199,14 +198,6 @@ def cross_entropy(model, x, y):
 @nnx.jit
 def eval_loss(model, x, y):
   return cross_entropy(model, x, y)
-
-
-def deployed(model, optimizer, ffn):
-  """The model as it runs after training: N:M masks applied to the weights."""
-  if ffn != "n_m":
-    return model
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return nnx.merge(graphdef, sj.sparse_params(params, optimizer.opt_state), rest)
 
 
 def run(attention, ffn, train_data, val_batches):
@@ -223,7 +214,7 @@ def run(attention, ffn, train_data, val_batches):
                        f" {i}/{_STEPS.value} loss {float(loss):.3f} "
                        f"{time.perf_counter() - start:5.1f}s")
       sys.stdout.flush()
-  model = deployed(model, optimizer, ffn)
+  model = sparse_view(model, optimizer, ffn == "n_m")
   val = float(np.mean([eval_loss(model, x, y) for x, y in val_batches]))
   note = ""
   if ffn == "block":  # after training: compute only the kept tiles
@@ -235,7 +226,7 @@ def run(attention, ffn, train_data, val_batches):
   ffn_sparsity = 1 - sum(np.count_nonzero(k) for k in kernels) / sum(k.size for k in kernels)
   print(f"\r  attention={attention:<7} ffn={ffn:<5} val loss {val:.4f}  "
         f"({time.perf_counter() - start:.1f}s) {note}" + " " * 20)
-  return val, ffn_sparsity, curve, note
+  return val, ffn_sparsity, curve
 
 
 def main(argv):
@@ -264,7 +255,7 @@ def main(argv):
   base = results[("dense", "dense")][0]
   print("\n| attention | attention density | FFN | FFN sparsity | val loss | vs dense |")
   print("| --- | ---: | --- | ---: | ---: | ---: |")
-  for (attention, ffn), (val, sparsity, _, _) in results.items():
+  for (attention, ffn), (val, sparsity, _) in results.items():
     print(f"| {attention} | {attention_density(attention):.3f} | {ffn} | {sparsity:.3f} | "
           f"{val:.4f} | {val - base:+.4f} |")
 
@@ -273,7 +264,7 @@ def main(argv):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (attention, ffn), (_, _, curve, _) in results.items():
+    for (attention, ffn), (_, _, curve) in results.items():
       steps, losses = zip(*curve)
       ax.plot(steps, losses, label=f"attention {attention}, ffn {ffn}")
     ax.set_xlabel("step")

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 import sparsejax as sj
-from _common import ESTIMATORS, load_data, make_method, METHODS, train_step  # pylint: disable=g-multiple-import
+from _common import ESTIMATORS, load_data, make_method, METHODS, sparse_view, train_step  # pylint: disable=g-multiple-import
 
 _METHOD = flags.DEFINE_enum("method", "magnitude", METHODS, "Sparsity method.")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Target sparsity of the sparsified leaves.")
@@ -71,14 +71,6 @@ class MLP(nnx.Module):
     x = jax.nn.relu(self.hidden1(x))
     x = jax.nn.relu(self.hidden2(x))
     return self.out(x)
-
-
-def sparse_view(model, optimizer, straight_through):
-  """The model as it is deployed: with N:M masks applied to the dense weights."""
-  if not straight_through:
-    return model
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return nnx.merge(graphdef, sj.sparse_params(params, optimizer.opt_state), rest)
 
 
 @nnx.jit

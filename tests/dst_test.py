@@ -160,14 +160,17 @@ def test_drop_and_grow_with_an_exploration_bonus():
                             score_state=idle, end_step=20, update_every=2, drop_fraction=0.25,
                             distribution="uniform", key=jax.random.key(0))
   history = run(method, steps=8)
+  total_grown = 0
   for (_, old, _, prev), (_, new, _, state) in zip(history, history[1:]):
     counters = state.method_state.score_state
     before = prev.method_state.score_state
     for o, n, c_before, c in zip(kernels(old), kernels(new), kernels(before), kernels(counters)):
       assert np.all(c[n] == 0)
       grown = n & ~o
+      total_grown += int(grown.sum())
       if grown.any():  # grown entries had the longest idle counts
         assert c_before[grown].min() >= c_before[~o & ~n].max()
+  assert total_grown > 0  # the property above was checked at least once
 
 
 def test_granet_dense_to_sparse_and_sparse_to_sparse():

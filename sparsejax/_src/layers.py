@@ -49,13 +49,7 @@ def _check_layer(in_features, out_features, block_shape, block_mask, low_rank):
       raise ValueError(f"block_mask must be bool of shape {grid} (the block grid of a "
                        f"({in_features}, {out_features}) kernel in {(bk, bn)} blocks), got "
                        f"{block_mask.dtype} of shape {block_mask.shape}")
-  if int(low_rank) < 0:
-    raise ValueError(f"low_rank={low_rank} must be >= 0")
   return (bk, bn), block_mask
-
-
-def _slots(block_mask: np.ndarray) -> tuple[int, int]:
-  return max(int(block_mask.sum(0).max()), 1), max(int(block_mask.sum(1).max()), 1)
 
 
 def _expand(block_mask: np.ndarray, block_shape) -> np.ndarray:
@@ -115,7 +109,8 @@ class BlockSparseLinear(nnx.Module):
     self.block_mask, self.slots = nnx.data(None), None
     if block_mask is not None:
       kernel = jnp.where(_expand(block_mask, self.block_shape), kernel, 0)
-      self.block_mask, self.slots = BlockMask(jnp.asarray(block_mask)), _slots(block_mask)
+      self.block_mask = BlockMask(jnp.asarray(block_mask))
+      self.slots = format_lib.slot_counts(block_mask)
     self.kernel = nnx.Param(kernel)
     self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
     self.low_rank_a = self.low_rank_b = nnx.data(None)
@@ -187,7 +182,7 @@ class BlockSparseDense(nn.Module):
                              self.param_dtype),
                   self.param("low_rank_b", nn.initializers.zeros, (self.low_rank, self.features),
                              self.param_dtype))
-    slots = None if block_mask is None else _slots(block_mask)
+    slots = None if block_mask is None else format_lib.slot_counts(block_mask)
     return _apply(x, kernel, bias, low_rank, block_mask, slots, self.implementation, self.dtype)
 
 
@@ -215,8 +210,6 @@ def to_block_sparse(model: Any) -> Any:
   """
   for _, layer in nnx.iter_graph(model):
     if isinstance(layer, BlockSparseLinear) and layer.block_mask is None:
-      matrix = format_lib.BlockSparseMatrix.from_dense(layer.kernel[...],
-                                                       block_shape=layer.block_shape)
-      mask = np.asarray(matrix.block_mask())
-      layer.block_mask, layer.slots = BlockMask(jnp.asarray(mask)), _slots(mask)
+      mask = format_lib.nonzero_blocks(layer.kernel[...], layer.block_shape)
+      layer.block_mask, layer.slots = BlockMask(jnp.asarray(mask)), format_lib.slot_counts(mask)
   return model

@@ -190,9 +190,9 @@ def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: in
     _check_positive_int(name, value)
   head_masks = masks_lib.as_head_masks(mask, num_heads)
   q_len, kv_len = head_masks[0].shape
-  if block_q < 1 or q_len % block_q:
+  if q_len % block_q:
     raise ValueError(f"{q_len=} must be a multiple of {block_q=}")
-  if block_kv < 1 or kv_len % block_kv:
+  if kv_len % block_kv:
     raise ValueError(f"{kv_len=} must be a multiple of {block_kv=}")
   return _cached_layout(head_masks, int(block_q), int(block_kv))
 

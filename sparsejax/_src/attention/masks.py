@@ -286,8 +286,6 @@ class BigBirdMask(_TableMask):
     _check_shape(self.shape)
     _check_ints("BigBirdMask", block=(self.block, 1), num_global=(self.num_global, 0),
                 window=(self.window, 0), num_random=(self.num_random, 0), seed=(self.seed, 0))
-    if self.block < 1 or self.num_global < 0 or self.window < 0 or self.num_random < 0:
-      raise ValueError("block must be >= 1 and num_global, window, num_random >= 0")
     nq, nk = -(-self.shape[0] // self.block), -(-self.shape[1] // self.block)
     qb, kb = np.arange(nq)[:, None], np.arange(nk)[None, :]
     table = (qb < self.num_global) | (kb < self.num_global) | (np.abs(qb - kb) <= self.window)
@@ -357,14 +355,17 @@ class NumpyMask(_TableMask):
     if a.ndim != 2 or a.dtype != np.bool_ or 0 in a.shape:
       raise ValueError(f"NumpyMask needs a non-empty 2-D bool array, got {a.dtype} of shape "
                        f"{a.shape}")
+    a = a.copy()
+    a.setflags(write=False)  # the content hash below must stay true
     object.__setattr__(self, "array", a)
+    object.__setattr__(self, "_digest", _hash_array(a))  # hashed once, not per lookup
 
   @property
   def shape(self):
     return self.array.shape
 
   def _key(self):
-    return _hash_array(self.array)
+    return self._digest
 
   def _eval(self, q, kv, xp):
     return xp.asarray(self.array)[q, kv]

@@ -285,11 +285,7 @@ def _bwd(sm_scale, block_sizes, interpret, residuals, do):
   return dq[..., :dim], dk[..., :dim], dv[..., :dim], None
 
 
-def _fwd_rule(q, k, v, layout, sm_scale, block_sizes, interpret):
-  return _fwd(q, k, v, layout, sm_scale, block_sizes, interpret)
-
-
-block_sparse_attention.defvjp(_fwd_rule, _bwd)
+block_sparse_attention.defvjp(_fwd, _bwd)
 
 
 def block_sparse_attention_reference(q, k, v, layout, sm_scale):

@@ -46,10 +46,9 @@ class BlockSizes:
     return cls(block_q=128, block_kv=128)
 
 
-def _compiler_params(backward: bool):
+def _compiler_params():
   """The backend choice, in one place: Mosaic TPU."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  del backward
   return pltpu.CompilerParams(
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
@@ -206,7 +205,7 @@ def _forward(q, k, v, layout, sm_scale, interpret):
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len, _LANES), jnp.float32)],
-      compiler_params=None if interpret else _compiler_params(False),
+      compiler_params=None if interpret else _compiler_params(),
       interpret=interpret,
       name="block_sparse_attention_fwd_tpu",
   )(num, idx, pid, q, k, v, layout.partial.astype(jnp.int32))
@@ -223,7 +222,7 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, interpret):
   delta = jnp.einsum("bhtd,bhtd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]  # [b, h, 1, t]
   partial = layout.partial.astype(jnp.int32)
-  params = None if interpret else _compiler_params(True)
+  params = None if interpret else _compiler_params()
 
   num, idx, pid, slots = _flat_meta(layout, batch, forward=True)
   flat = lambda b, h, i, j: ((b * heads + h) * nq + i) * slots + j

@@ -133,9 +133,7 @@ class BlockSparseMatrix(NamedTuple):
       if isinstance(w, jax.core.Tracer):
         raise ValueError("block_mask=None reads the nonzero blocks of w, which needs a concrete "
                          "w; pass block_mask inside jit")
-      bk, bn = _check_block_shape(w.shape, block_shape)
-      blocks = np.asarray(w).reshape(w.shape[0] // bk, bk, w.shape[1] // bn, bn)
-      block_mask = np.any(blocks != 0, axis=(1, 3))
+      block_mask = nonzero_blocks(w, block_shape)
     if not isinstance(block_mask, (jax.Array, np.ndarray)):
       block_mask = np.asarray(block_mask)
     rows, cols = block_mask.shape if block_mask.ndim == 2 else (0, 0)
@@ -162,8 +160,9 @@ class BlockSparseMatrix(NamedTuple):
         if given is not None and given < need:
           raise ValueError(f"{name}={given} but a block {axis} of the mask has {need} "
                            "active blocks")
-      max_per_col = max(need_col, 1) if max_per_col is None else max_per_col
-      max_per_row = max(need_row, 1) if max_per_row is None else max_per_row
+      default_col, default_row = slot_counts(host)
+      max_per_col = default_col if max_per_col is None else max_per_col
+      max_per_row = default_row if max_per_row is None else max_per_row
     elif max_per_col is None or max_per_row is None:
       raise ValueError("a traced block_mask needs max_per_col and max_per_row (the slot counts "
                        "fix the shapes under jit)")
@@ -172,21 +171,43 @@ class BlockSparseMatrix(NamedTuple):
       if not 1 <= int(value) <= limit:
         raise ValueError(f"{name}={value} must be in [1, {limit}]")
     max_per_col, max_per_row = int(max_per_col), int(max_per_row)
-    block_mask = jnp.asarray(block_mask)
-    # A traced mask that overflows its slots keeps the blocks that fit both
-    # lists (a concrete one was checked above), so forward and backward agree.
-    slot_of = jnp.cumsum(block_mask, axis=0, dtype=jnp.int32) - 1  # slot in its column
-    fits = (slot_of < max_per_col) & (jnp.cumsum(block_mask, axis=1) <= max_per_row)
-    block_mask = block_mask & fits
-    slot_of = jnp.cumsum(block_mask, axis=0, dtype=jnp.int32) - 1
-    row_index, count = _lists(block_mask.T, max_per_col)  # per column
-    t_col, t_count = _lists(block_mask, max_per_row)  # per row
-    t_slot = jnp.clip(jnp.take_along_axis(slot_of, t_col, axis=1), 0, max_per_col - 1)
+    if concrete:  # the lists of a host mask are constants, not ops in every call's program
+      with jax.ensure_compile_time_eval():
+        lists = _index_lists(jnp.asarray(block_mask), max_per_col, max_per_row)
+    else:
+      lists = _index_lists(block_mask, max_per_col, max_per_row)
+    row_index, count, t_col, t_slot, t_count = lists
     blocks = w.reshape(rows, bk, cols, bn).transpose(2, 0, 1, 3)  # [cols, rows, bk, bn]
     values = jnp.take_along_axis(blocks, row_index[:, :, None, None], axis=1)
     valid = jnp.arange(max_per_col)[None, :] < count[:, None]
     values = jnp.where(valid[:, :, None, None], values, 0).astype(w.dtype)
     return cls(values, row_index, count, t_col, t_slot, t_count)
+
+
+def _index_lists(block_mask, max_per_col, max_per_row):
+  """(row_index, count, t_col, t_slot, t_count) of a bool [rows, cols] block mask."""
+  # A traced mask that overflows its slots keeps the blocks that fit both
+  # lists (a concrete one was checked), so forward and backward agree.
+  slot_of = jnp.cumsum(block_mask, axis=0, dtype=jnp.int32) - 1  # slot in its column
+  fits = (slot_of < max_per_col) & (jnp.cumsum(block_mask, axis=1) <= max_per_row)
+  block_mask = block_mask & fits
+  slot_of = jnp.cumsum(block_mask, axis=0, dtype=jnp.int32) - 1
+  row_index, count = _lists(block_mask.T, max_per_col)  # per column
+  t_col, t_count = _lists(block_mask, max_per_row)  # per row
+  t_slot = jnp.clip(jnp.take_along_axis(slot_of, t_col, axis=1), 0, max_per_col - 1)
+  return row_index, count, t_col, t_slot, t_count
+
+
+def nonzero_blocks(w, block_shape) -> np.ndarray:
+  """bool[K // bk, N // bn]: the blocks of a concrete `w` that hold a nonzero."""
+  bk, bn = _check_block_shape(w.shape, block_shape)
+  blocks = np.asarray(w).reshape(w.shape[0] // bk, bk, w.shape[1] // bn, bn)
+  return np.any(blocks != 0, axis=(1, 3))
+
+
+def slot_counts(block_mask: np.ndarray) -> tuple[int, int]:
+  """Default (max_per_col, max_per_row) of a host block mask: its largest counts."""
+  return max(int(block_mask.sum(0).max()), 1), max(int(block_mask.sum(1).max()), 1)
 
 
 def _check_block_shape(shape, block_shape) -> tuple[int, int]:
