@@ -64,7 +64,7 @@ def _scores(shapes, seed=0):
 
 def test_uniform_counts_are_exact():
   scores = _scores([(13, 17), (40, 3), (7,)])
-  masks = jax.jit(lambda s: sj.topk_masks(s, 0.7, "uniform"))(scores)
+  masks = jax.jit(lambda s: sj.masks_from_scores(s, 0.7, distribution="uniform"))(scores)
   for name, m in masks.items():
     kept = int(np.round(np.float32(1 - np.float32(0.7)) * np.float32(m.size)))
     assert int(m.sum()) == kept, name
@@ -72,7 +72,7 @@ def test_uniform_counts_are_exact():
 
 def test_topk_masks_keeps_largest_and_none_leaves():
   scores = {"a": jnp.array([[3.0, -1.0], [0.5, 2.0]]), "b": None}
-  masks = sj.topk_masks(scores, 0.5)
+  masks = sj.masks_from_scores(scores, 0.5, distribution="uniform")
   assert masks["b"] is None
   np.testing.assert_array_equal(masks["a"], [[True, False], [False, True]])
 
@@ -83,10 +83,10 @@ def test_global_keeps_exact_total_and_floor_at_99_percent():
   scores["layer2"] = scores["layer2"] * 1e-3
   n = sum(s.size for s in scores.values())
   total = int(np.round(np.float32(1 - np.float32(0.99)) * np.float32(n)))
-  pure = sj.topk_masks(scores, 0.99, sj.Global())
+  pure = sj.masks_from_scores(scores, 0.99, distribution=sj.Global())
   assert int(pure["layer2"].sum()) == 0
   assert sum(int(m.sum()) for m in pure.values()) == total
-  floored = jax.jit(lambda s: sj.topk_masks(s, 0.99, sj.Global(min_density=0.005)))(scores)
+  floored = jax.jit(lambda s: sj.masks_from_scores(s, 0.99, distribution=sj.Global(min_density=0.005)))(scores)
   assert sum(int(m.sum()) for m in floored.values()) == total
   for name, m in floored.items():
     assert int(m.sum()) / m.size >= 0.005, name
@@ -94,7 +94,7 @@ def test_global_keeps_exact_total_and_floor_at_99_percent():
 
 def test_global_selects_largest_scores_overall():
   scores = {"a": jnp.array([5.0, 1.0, 0.0]), "b": jnp.array([4.0, 3.0, 2.0, -1.0])}
-  masks = sj.topk_masks(scores, 4 / 7 + 1e-6, "global")  # keep 3 of 7
+  masks = sj.masks_from_scores(scores, 4 / 7 + 1e-6, distribution="global")  # keep 3 of 7
   np.testing.assert_array_equal(masks["a"], [True, False, False])
   np.testing.assert_array_equal(masks["b"], [True, True, False, False])
 
@@ -103,7 +103,7 @@ def test_global_selects_largest_scores_overall():
 def test_overrides_fix_leaf_sparsity(distribution):
   scores = _scores([(20, 20), (30, 10), (10, 5)])
   dist = distribution(overrides={"layer1": 0.0, "layer2$": 0.5})
-  masks = sj.topk_masks(scores, 0.9, dist)
+  masks = sj.masks_from_scores(scores, 0.9, distribution=dist)
   assert int(masks["layer1"].sum()) == 300
   assert int(masks["layer2"].sum()) == 25
   # The rest of the target applies to the pool of other leaves.
@@ -120,9 +120,9 @@ def test_distribution_bad_input():
   with pytest.raises(ValueError, match=r"overrides\['head'\]=1.2"):
     sj.Uniform(overrides={"head": 1.2})
   with pytest.raises(ValueError, match="matches no sparsified leaf"):
-    sj.topk_masks(_scores([(4, 4)]), 0.5, sj.Uniform(overrides={"decoder": 0.1}))
+    sj.masks_from_scores(_scores([(4, 4)]), 0.5, distribution=sj.Uniform(overrides={"decoder": 0.1}))
   with pytest.raises(ValueError, match=r"scores\['a'\]: scores must be floating"):
-    sj.topk_masks({"a": jnp.arange(4)}, 0.5)
+    sj.masks_from_scores({"a": jnp.arange(4)}, 0.5, distribution="uniform")
 
 
 def test_kept_counts_are_exact_at_the_ends_for_huge_leaves():
@@ -134,22 +134,21 @@ def test_kept_counts_are_exact_at_the_ends_for_huge_leaves():
 def test_erk_equals_uniform_when_ratios_are_equal():
   for sparsity in np.linspace(0.0, 0.95, 39):
     scores = _scores([(3, 5), (5, 3)])
-    erk = sj.topk_masks(scores, float(sparsity), "erk")
-    uniform = sj.topk_masks(scores, float(sparsity), "uniform")
+    erk = sj.masks_from_scores(scores, float(sparsity), distribution="erk")
+    uniform = sj.masks_from_scores(scores, float(sparsity), distribution="uniform")
     assert [int(m.sum()) for m in erk.values()] == [int(m.sum()) for m in uniform.values()]
 
 
 def test_global_floor_is_floor_of_min_density_or_global_density():
   scores = jax.tree.map(jnp.abs, _scores([(64,), (1000,)]))
   scores["layer0"] = scores["layer0"] * 1e-6  # would lose everything to a pure threshold
-  assert int(sj.topk_masks(scores, 0.5, sj.Global())["layer0"].sum()) == 0
-  masks = sj.topk_masks(scores, 0.5, sj.Global(min_density=0.5))
+  assert int(sj.masks_from_scores(scores, 0.5, distribution=sj.Global())["layer0"].sum()) == 0
+  masks = sj.masks_from_scores(scores, 0.5, distribution=sj.Global(min_density=0.5))
   assert int(masks["layer0"].sum()) == 32
-  masks = sj.topk_masks(scores, 0.5, sj.Global(min_density=0.3))
+  masks = sj.masks_from_scores(scores, 0.5, distribution=sj.Global(min_density=0.3))
   assert int(masks["layer0"].sum()) == 20  # ceil(0.3 * 64)
   assert sum(int(m.sum()) for m in masks.values()) == 532
-  masks = sj.topk_masks({"a": scores["layer0"][:50] * 0 + 1e-9, "b": scores["layer1"]}, 0.5,
-                        sj.Global(min_density=0.3))
+  masks = sj.masks_from_scores({"a": scores["layer0"][:50] * 0 + 1e-9, "b": scores["layer1"]}, 0.5, distribution=sj.Global(min_density=0.3))
   assert int(masks["a"].sum()) == 15  # exactly 0.3 * 50, no float overshoot
 
 
@@ -162,7 +161,7 @@ def test_global_floors_that_overshoot_give_back_the_excess():
 def test_empty_leaves_keep_nothing():
   scores = {"w": jnp.arange(10.0), "empty": jnp.zeros((0, 4))}
   for dist in ["uniform", "erk", "global"]:
-    masks = sj.topk_masks(scores, 0.5, dist)
+    masks = sj.masks_from_scores(scores, 0.5, distribution=dist)
     assert masks["empty"].shape == (0, 4) and int(masks["w"].sum()) == 5
 
 

@@ -76,10 +76,10 @@ def test_dropped_weights_are_not_regrown_in_the_same_step():
   # weights that were inactive before the update.
   history = run(sj.rigl(0.75, end_step=10, update_every=3, drop_fraction=1.0,
                         distribution="uniform", key=jax.random.key(0)))
-  # history[i] holds the state after i updates: the mask update at step 3
-  # happens between history[3] and history[4].
-  _, old, _, _ = history[3]
-  _, new, _, _ = history[4]
+  # history[i] holds the state after i updates, with the masks of step i:
+  # the masks of step 3 are set by the third update.
+  _, old, _, _ = history[2]
+  _, new, _, _ = history[3]
   for o, n in zip(kernels(old), kernels(new)):
     assert n.sum() == o.sum() and not np.any(o & n)
 
@@ -87,9 +87,12 @@ def test_dropped_weights_are_not_regrown_in_the_same_step():
 def test_rigl_drops_smallest_magnitudes_and_grows_largest_gradients():
   history = run(sj.rigl(0.75, end_step=10, update_every=3, drop_fraction=0.25,
                         distribution="uniform", key=jax.random.key(0)))
-  params, old, _, _ = history[3]
-  _, new, grads, _ = history[4]  # the update at step 3 saw these params and grads
-  for w, g, o, n in zip(kernels(params), kernels(grads), kernels(old), kernels(new)):
+  params, old, _, _ = history[2]
+  _, new, grads, _ = history[3]  # the third update saw these grads
+  # Masks change after the optimizer step: drops rank the weights it produced.
+  stepped = [np.where(o, p - 0.1 * g, 0.0) for p, g, o in zip(kernels(params), kernels(grads),
+                                                              kernels(old))]
+  for w, g, o, n in zip(stepped, kernels(grads), kernels(old), kernels(new)):
     k, n_swap = int(o.sum()), int(round(0.25 * o.sum()))
     dropped, grown = o & ~n, n & ~o
     assert dropped.sum() == grown.sum() == n_swap
@@ -108,18 +111,25 @@ def test_set_growth_is_random_and_reproducible():
   assert any(not np.array_equal(x, z) for x, z in zip(kernels(a[-1][1]), kernels(c[-1][1])))
 
 
-def test_grown_weights_start_at_zero():
-  lr = 0.1
+@pytest.mark.parametrize("inner, sgd", [(lambda: optax.sgd(0.1), True),
+                                        (lambda: optax.adam(0.1), False)], ids=["sgd", "adam"])
+def test_grown_weights_are_zero_after_the_step_that_grows_them(inner, sgd):
   history = run(sj.rigl(0.75, end_step=10, update_every=3, drop_fraction=0.5,
-                        key=jax.random.key(0)), inner=optax.sgd(lr))
-  before, old, _, _ = history[3]
-  after, new, grads, _ = history[4]
-  for p0, p1, g, o, n in zip(kernels(before), kernels(after), kernels(grads), kernels(old),
-                             kernels(new)):
+                        key=jax.random.key(0)), inner=inner())
+  before, old, _, _ = history[2]
+  after, new, _, state = history[3]  # the third update grows connections
+  later, _, grads, _ = history[4]  # the next one trains them
+  inner_leaves = [np.asarray(x) for x in jax.tree.leaves(state.inner_state)]
+  for p0, p1, p2, g, o, n in zip(kernels(before), kernels(after), kernels(later), kernels(grads),
+                                 kernels(old), kernels(new)):
     grown = n & ~o
     assert grown.any()
-    assert np.all(p0[grown] == 0)  # inactive weights are exactly zero
-    np.testing.assert_allclose(p1[grown], -lr * g[grown], rtol=1e-6)  # one step from zero
+    assert np.all(p0[grown] == 0) and np.all(p1[grown] == 0)  # exactly zero after growing
+    for s in [x for x in inner_leaves if x.shape == n.shape]:
+      assert np.all(s[grown] == 0)  # with zero optimizer state
+    assert np.all(p2[grown] != 0)  # their first update comes at the next step
+    if sgd:
+      np.testing.assert_allclose(p2[grown], -0.1 * g[grown], rtol=1e-6)  # one step from zero
 
 
 @pytest.mark.parametrize("inner", [
@@ -178,11 +188,11 @@ def test_granet_dense_to_sparse_and_sparse_to_sparse():
     method = sj.granet(0.8, init_sparsity=init_sparsity, end_step=9, update_every=3,
                        drop_fraction=0.3, distribution="uniform", key=jax.random.key(0))
     history = run(method)
-    schedule = sj.polynomial_schedule(init_sparsity, 0.8, 0, 9)
+    schedule = sj.cubic_schedule(0.8, init_sparsity=init_sparsity, end_step=9)
     regrown = 0
     for t, ((_, old, _, _), (params, new, _, _)) in enumerate(zip(history, history[1:])):
-      last = 3 * (min(t, 9) // 3)
-      s = float(schedule(last)) if t >= 3 else init_sparsity
+      last = 3 * (min(t + 1, 9) // 3)  # update t sets the masks of step t + 1
+      s = float(schedule(last)) if t + 1 >= 3 else init_sparsity
       for o, n, p in zip(kernels(old), kernels(new), kernels(params)):
         assert n.sum() == round(float(np.float32(1 - np.float32(s)) * n.size)), (t, s)
         assert np.all(p[~n] == 0)
@@ -266,7 +276,7 @@ def test_srigl_keeps_its_budget_across_ablations():
                     key=jax.random.key(0))
   tx = sj.sparsify(optax.sgd(0.1), method)
   state = tx.init(params)
-  budgets = [int(state.method_state.budget[k]["kernel"]) for k in ("d0", "d1")]
+  budgets = [int(sj.get_masks(state)[k]["kernel"].sum()) for k in ("d0", "d1")]
   update = jax.jit(tx.update)
   for i in range(9):
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
@@ -283,9 +293,8 @@ def test_srigl_keeps_its_budget_across_ablations():
 def test_global_distribution_needs_equal_units():
   scores = {"big": jnp.ones((100, 4)), "small": jnp.ones((2, 4))}
   with pytest.raises(ValueError, match="units differ .*big: 100 entries, small: 2 entries"):
-    sj.topk_masks(scores, 0.5, "global", granularity=sj.Channel(-1))
-  masks = sj.topk_masks({"a": jnp.ones((4, 8)), "b": jnp.ones((8, 8))}, 0.5, "global",
-                        granularity=sj.Block((2, 2)))  # tiles are equal everywhere
+    sj.masks_from_scores(scores, 0.5, distribution="global", granularity=sj.Channel(-1))
+  masks = sj.masks_from_scores({"a": jnp.ones((4, 8)), "b": jnp.ones((8, 8))}, 0.5, distribution="global", granularity=sj.Block((2, 2)))  # tiles are equal everywhere
   assert sum(int(m.sum()) for m in masks.values()) == 48
 
 

@@ -9,15 +9,16 @@ import optax
 import pytest
 
 import sparsejax as sj
+from sparsejax import matmul as sjm
 
 
 def test_block_topk_keeps_blocks_with_largest_mean():
   w = jnp.zeros((4, 6)).at[0:2, 2:4].set(5.0).at[2:4, 4:6].set(3.0).at[0:2, 0:2].set(-9.0)
-  masks = sj.topk_masks({"w": jnp.abs(w)}, 4 / 6, granularity=sj.Block((2, 2)))  # 2 of 6 blocks
+  masks = sj.masks_from_scores({"w": jnp.abs(w)}, 4 / 6, granularity=sj.Block((2, 2)), distribution="uniform")  # 2 of 6 blocks
   expected = np.zeros((4, 6), bool)
   expected[0:2, 0:2] = expected[0:2, 2:4] = True  # |-9| and 5 beat 3
   np.testing.assert_array_equal(masks["w"], expected)
-  np.testing.assert_array_equal(sj.block_mask(masks["w"], (2, 2)),
+  np.testing.assert_array_equal(sjm.block_layout(masks["w"], (2, 2)),
                                 [[True, True, False], [False, False, False]])
 
 
@@ -25,18 +26,17 @@ def test_block_topk_keeps_blocks_with_largest_mean():
 def test_block_counts_are_exact_in_units(reduce):
   params = {"a": jax.random.normal(jax.random.key(0), (32, 48)),
             "b": jax.random.normal(jax.random.key(1), (3, 3, 16, 32))}
-  masks = sj.init_masks(params, 0.7, "erk", key=jax.random.key(2),
-                        granularity=sj.Block((8, 16), reduce))
-  for name, m in masks.items():
-    layout = np.asarray(sj.block_mask(m, (8, 16)))
+  masks = sj.init_masks(params, 0.7, distribution="erk", key=jax.random.key(2), granularity=sj.Block((8, 16), reduce))
+  densities = sj.ERK().densities([(32, 48), (3, 3, 16, 32)], 0.7)
+  for (name, m), density, units in zip(masks.items(), densities, [12, 3 * 3 * 2 * 2]):
+    layout = np.asarray(sjm.block_layout(m, (8, 16)))
     assert int(m.sum()) == int(layout.sum()) * 8 * 16, name
-  assert int(sj.block_mask(masks["a"], (8, 16)).sum()) == round(
-      float(sj.ERK().densities([(32, 48), (3, 3, 16, 32)], 0.7)[0]) * 12)
+    assert int(layout.sum()) == int(np.round(np.float32(density) * np.float32(units))), name
 
 
 def test_channel_masks_whole_columns():
   w = jax.random.normal(jax.random.key(0), (10, 8)) * jnp.arange(1.0, 9.0)[None]
-  masks = sj.topk_masks({"w": jnp.abs(w)}, 0.5, granularity=sj.Channel(axis=-1))
+  masks = sj.masks_from_scores({"w": jnp.abs(w)}, 0.5, granularity=sj.Channel(axis=-1), distribution="uniform")
   columns = np.asarray(masks["w"]).all(axis=0) | ~np.asarray(masks["w"]).any(axis=0)
   assert columns.all()  # every column entirely on or off
   np.testing.assert_array_equal(np.asarray(masks["w"])[0], [False] * 4 + [True] * 4)
@@ -44,15 +44,14 @@ def test_channel_masks_whole_columns():
 
 def test_magnitude_with_blocks_trains_with_exact_blocks():
   params = {"w": jax.random.normal(jax.random.key(0), (16, 32))}
-  tx = sj.sparsify(optax.adam(1e-2), sj.magnitude(0.75, update_every=2,
-                                                   granularity=sj.Block((4, 8))))
+  tx = sj.sparsify(optax.adam(1e-2), sj.magnitude(0.75, update_every=2, granularity=sj.Block((4, 8))))
   state = tx.init(params)
   update = jax.jit(tx.update)
   for i in range(6):
     grads = {"w": jax.random.normal(jax.random.key(i), (16, 32))}
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
-    layout = sj.block_mask(sj.get_masks(state)["w"], (4, 8))  # raises if a tile is mixed
+    layout = sjm.block_layout(sj.get_masks(state)["w"], (4, 8))  # raises if a tile is mixed
     assert int(layout.sum()) == 4
     assert np.all(np.asarray(params["w"])[~np.asarray(sj.get_masks(state)["w"])] == 0)
 
@@ -73,4 +72,4 @@ def test_granularity_bad_input():
   with pytest.raises(ValueError, match="granularity must be None"):
     sj.magnitude(0.5, granularity=(4, 4))
   with pytest.raises(ValueError, match="not block-structured"):
-    sj.block_mask(jnp.eye(4, dtype=bool), (2, 2))
+    sjm.block_layout(jnp.eye(4, dtype=bool), (2, 2))

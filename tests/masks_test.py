@@ -21,7 +21,7 @@ def params():
 
 
 def test_init_masks_default_where_and_exact_counts():
-  masks = jax.jit(lambda p, k: sj.init_masks(p, 0.75, key=k))(params(), jax.random.key(1))
+  masks = jax.jit(lambda p, k: sj.init_masks(p, 0.75, key=k, distribution="uniform"))(params(), jax.random.key(1))
   assert masks["dense"]["bias"] is None and masks["step"] is None
   assert masks["dense"]["kernel"].dtype == jnp.bool_
   assert int(masks["dense"]["kernel"].sum()) == 8
@@ -53,14 +53,13 @@ def test_where_patterns_and_callables():
   assert masks["dense"]["kernel"] is None and masks["conv"]["kernel"] is not None
   masks = sj.init_masks(p, 0.5, key=jax.random.key(0), where=["dense/bias", "conv"])
   assert masks["dense"]["bias"] is not None and masks["dense"]["kernel"] is None
-  masks = sj.init_masks(p, 0.5, key=jax.random.key(0),
-                        where=lambda path, leaf: leaf.ndim == 4)
+  masks = sj.init_masks(p, 0.5, key=jax.random.key(0), where=lambda path, leaf: leaf.ndim == 4)
   assert masks["conv"]["kernel"] is not None and masks["dense"]["kernel"] is None
 
 
 def test_summary_table():
   p = params()
-  masks = sj.init_masks(p, 0.75, key=jax.random.key(0))
+  masks = sj.init_masks(p, 0.75, key=jax.random.key(0), distribution="uniform")
   table = sj.summary(sj.apply_masks(p, masks), masks)
   row = next(line for line in table.splitlines() if line.startswith("dense/kernel"))
   assert row.split()[-4:] == ["32", "8", "0.2500", "sparse"]

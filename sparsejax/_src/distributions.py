@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._src import _checks
 from sparsejax._src import granularity as granularities
 from sparsejax._src import pytree
 from sparsejax._src import schedules
@@ -34,7 +35,7 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> None:
     if not isinstance(pattern, str):
       raise ValueError(f"override key {pattern!r} must be a path pattern string")
     pytree.compile_pattern(pattern, "overrides")
-    schedules.check_fraction(f"overrides[{pattern!r}]", sparsity)
+    _checks.fraction(f"overrides[{pattern!r}]", sparsity)
 
 
 def _kept(density: jax.Array, size: int) -> jax.Array:
@@ -188,7 +189,7 @@ class Global(_Distribution):
   def __post_init__(self):
     super().__post_init__()
     _check_static("min_density", self.min_density)
-    schedules.check_fraction("min_density", self.min_density, closed=True)
+    _checks.fraction("min_density", self.min_density, closed=True, schedule=False)
 
   def _total_and_floors(self, scores, sparsity):
     sizes = [s.size for s in scores]
@@ -232,16 +233,17 @@ def as_distribution(distribution: DistributionLike) -> _Distribution:
       f"{sorted(_BY_NAME)} or an instance of sj.Uniform, sj.ERK or sj.Global")
 
 
-def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
-               distribution: DistributionLike = "uniform", *, step: Any = 0,
-               granularity: granularities.Granularity = None) -> pytree.PyTree:
+def masks_from_scores(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule, *,
+                      distribution: DistributionLike = "erk", step: Any = 0,
+                      granularity: granularities.Granularity = None) -> pytree.PyTree:
   """Masks keeping the highest-scoring entries, split over leaves by `distribution`.
 
   Args:
     scores: a pytree of float arrays, ``None`` at leaves that stay dense.
     sparsity: target sparsity over the scored leaves, a float in [0, 1) or a
       schedule evaluated at `step`.
-    distribution: "uniform", "erk", "global", or a `Uniform`/`ERK`/`Global`.
+    distribution: "erk" (the default everywhere), "uniform", "global", or an
+      `ERK`/`Uniform`/`Global` instance.
     step: the step at which schedules (sparsity, overrides) are evaluated.
     granularity: None for single entries, or `Block`/`Channel`: scores are
       pooled per unit and whole units are kept; counts are in units.
@@ -253,7 +255,7 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
 
   Example:
     >>> scores = jax.tree.map(jnp.abs, params)
-    >>> masks = sj.topk_masks(scores, 0.9, "erk")
+    >>> masks = sj.masks_from_scores(scores, 0.9, distribution="uniform")
   """
   dist = as_distribution(distribution)
   leaves, treedef = pytree.flatten(scores)
@@ -276,16 +278,21 @@ def topk_masks(scores: pytree.PyTree, sparsity: schedules.ScalarOrSchedule,
   for path, a in zip(paths, arrays):
     unit.check(path, a.shape)
   units = [unit.pool(a) for a in arrays]
-  if isinstance(dist, Global) and len({a.size // max(u.size, 1) for a, u in zip(arrays, units)
-                                       if u.size}) > 1:
-    raise ValueError(
-        "the Global distribution ranks units against each other, so they must be of one "
-        f"size; with {granularity} the leaves' units differ ("
-        + ", ".join(f"{pytree.path_str(p)}: {a.size // max(u.size, 1)} entries"
-                    for p, a, u in zip(paths, arrays, units)) + "). Use 'uniform' or 'erk'.")
+  check_unit_sizes(dist, granularity, paths, arrays, units)
   s = schedules.as_schedule(sparsity)(step)
   selected = dist.select(paths, units, s, step, shapes=[a.shape for a in arrays])
   out = [None] * len(leaves)
   for i, a, m in zip(scored, arrays, selected):
     out[i] = unit.expand(m, a.shape)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_unit_sizes(dist, granularity, paths, arrays, units) -> None:
+  """A global ranking compares units, so they must be of one size."""
+  sizes = [a.size // max(u.size, 1) for a, u in zip(arrays, units)]
+  if isinstance(dist, Global) and len({n for n, u in zip(sizes, units) if u.size}) > 1:
+    raise ValueError(
+        "the Global distribution ranks units against each other, so they must be of one "
+        f"size; with {granularity} the leaves' units differ ("
+        + ", ".join(f"{pytree.path_str(p)}: {n} entries" for p, n in zip(paths, sizes))
+        + "). Use 'uniform' or 'erk'.")

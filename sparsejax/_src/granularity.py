@@ -6,8 +6,8 @@ method scores entries as usual; the scores are pooled per unit (mean or max),
 the top units are kept, and the unit mask is expanded back to the leaf's
 shape, so every tile or channel is entirely on or entirely off.
 
-Block masks are what a block-sparse matmul accelerates: `block_mask` exports
-the tile-level layout of a mask.
+Block masks are what a block-sparse matmul accelerates:
+`sparsejax.matmul.block_layout` exports the tile-level layout of a mask.
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from sparsejax._src import _checks
 from sparsejax._src import pytree
 
 _REDUCERS = {"mean": jnp.mean, "max": jnp.max}
-
-
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _check_reduce(reduce: str) -> None:
@@ -57,7 +53,7 @@ class Block:
       shape = tuple(self.block_shape)
     except TypeError:
       shape = ()
-    if not shape or not all(_is_int(b) and b >= 1 for b in shape):
+    if not shape or not all(_checks.is_int(b) and b >= 1 for b in shape):
       raise ValueError(f"block_shape={self.block_shape!r} must be a tuple of integers >= 1")
     object.__setattr__(self, "block_shape", tuple(int(b) for b in shape))
     _check_reduce(self.reduce)
@@ -109,7 +105,7 @@ class Channel:
   reduce: str = "mean"
 
   def __post_init__(self):
-    if not _is_int(self.axis):
+    if not _checks.is_int(self.axis):
       raise ValueError(f"axis={self.axis!r} must be an integer")
     object.__setattr__(self, "axis", int(self.axis))
     _check_reduce(self.reduce)
@@ -162,38 +158,3 @@ def as_granularity(granularity: Any):
     return granularity
   raise ValueError(
       f"granularity must be None, sj.Block(block_shape) or sj.Channel(axis), got {granularity!r}")
-
-
-def block_mask(mask: jax.Array, block_shape: tuple[int, ...]) -> jax.Array:
-  """The tile-level layout of a block-structured mask: True where a tile is on.
-
-  Args:
-    mask: a bool mask whose tiles are all on or all off.
-    block_shape: the tile shape it was made with.
-
-  Returns:
-    bool array of shape ``mask.shape // block_shape`` (trailing dims).
-
-  Raises:
-    ValueError: if `block_shape` does not divide the mask or a tile is mixed.
-
-  Example:
-    >>> layout = sj.block_mask(masks["dense"]["kernel"], (16, 16))
-  """
-  if not isinstance(block_shape, (tuple, list)):
-    block_shape = np.asarray(block_shape).reshape(-1).tolist()
-  block = Block(tuple(block_shape))
-  mask = jnp.asarray(mask)
-  if mask.dtype != jnp.bool_:
-    raise ValueError(f"mask dtype {mask.dtype} must be bool (a mask from sj.get_masks or "
-                     "sj.topk_masks)")
-  if len(block.block_shape) > mask.ndim or any(
-      d % b for d, b in zip(mask.shape, block._full(mask.shape))):  # pylint: disable=protected-access
-    raise ValueError(f"block_shape={block.block_shape} does not divide the mask of shape "
-                     f"{tuple(mask.shape)}")
-  any_on = block.pool(mask, "max")
-  all_on = ~block.pool(~mask, "max")
-  if not isinstance(mask, jax.core.Tracer) and bool(jnp.any(any_on != all_on)):
-    raise ValueError(f"mask is not block-structured for block_shape={block.block_shape}: "
-                     "some tiles are partly on")
-  return any_on

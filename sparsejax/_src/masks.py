@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._src import _checks
 from sparsejax._src import distributions
 from sparsejax._src import granularity as granularities
 from sparsejax._src import pytree
@@ -58,10 +59,10 @@ def apply_masks(params: PyTree, masks: PyTree, *, ste: bool = False) -> PyTree:
 
 def init_masks(
     params: PyTree,
-    sparsity: schedules.ScalarOrSchedule,
-    distribution: distributions.DistributionLike = "uniform",
+    sparsity: float,
     *,
     key: jax.Array,
+    distribution: distributions.DistributionLike = "erk",
     where: pytree.Where | str | Sequence[str] | None = None,
     granularity: granularities.Granularity = None,
 ) -> PyTree:
@@ -69,9 +70,9 @@ def init_masks(
 
   Args:
     params: the params to mask.
-    sparsity: target sparsity in [0, 1) (a schedule is read at step 0).
-    distribution: "uniform", "erk", "global", or a distribution instance.
+    sparsity: target sparsity, a float in [0, 1).
     key: a JAX PRNG key.
+    distribution: "erk" (default), "uniform", "global", or a distribution instance.
     where: which leaves to sparsify: a callable ``(path, leaf) -> bool``, a path
       pattern, or None for floating leaves with ndim >= 2.
     granularity: None (entries), `sj.Block(...)` or `sj.Channel(...)`.
@@ -80,13 +81,24 @@ def init_masks(
     a masks pytree for `params`.
 
   Example:
-    >>> masks = sj.init_masks(params, 0.9, "erk", key=jax.random.key(0))
+    >>> masks = sj.init_masks(params, 0.9, key=jax.random.key(0))
     >>> params = sj.apply_masks(params, masks)
   """
-  scores.check_key(key)
+  schedules.constant(sparsity, "sparsity", "init_masks")
+  _checks.key(key)
   template = pytree.full_masks(params, where)
-  return distributions.topk_masks(scores.random(template, key), sparsity, distribution,
-                                  granularity=granularity)
+  return distributions.masks_from_scores(scores.random_scores(template, key), sparsity,
+                                         distribution=distribution, granularity=granularity)
+
+
+def mask_flips(old: PyTree, new: PyTree) -> jax.Array:
+  """How many mask entries differ between two masks pytrees (int32).
+
+  Example:
+    >>> sj.mask_flips(sj.get_masks(old_state), sj.get_masks(new_state))
+  """
+  flips = jax.tree.map(lambda a, b: jnp.sum(a != b, dtype=jnp.int32), old, new)
+  return sum(jax.tree.leaves(flips), jnp.int32(0))
 
 
 def summary(params: PyTree, masks: PyTree | None = None) -> str:

@@ -73,8 +73,6 @@ def flatten(tree: PyTree) -> tuple[list[tuple[Path, Any]], Any]:
       tree, is_leaf=lambda x: x is None or is_variable(x))
 
 
-
-
 def default_where(path: Path, leaf: Any) -> bool:
   """Floating leaves with ndim >= 2: kernels, embeddings, conv filters."""
   del path
@@ -138,6 +136,10 @@ def as_where(where: Where | str | Sequence[str] | None) -> Where:
   """Turns the `where` argument (None, callable, pattern or patterns) into a filter."""
   if where is None:
     return default_where
+  if isinstance(where, type) or type(where).__module__.startswith("flax."):
+    raise ValueError(
+        f"where={where!r} is a flax nnx filter, which sees nnx paths and Variables: pass "
+        f"where=sj.nnx_filter({getattr(where, '__name__', 'filter')}) instead")
   if isinstance(where, str):
     return path_pattern(where)
   if isinstance(where, (list, tuple)):
@@ -166,6 +168,10 @@ def where_flags(params: PyTree, where: Where | str | Sequence[str] | None) -> li
       raise ValueError(
           f"where selected {describe(path)} of dtype {jnp.result_type(unwrap(leaf))}; "
           "only floating-point leaves can be sparsified.")
+    if flag and jnp.ndim(unwrap(leaf)) == 0:
+      raise ValueError(
+          f"where selected {describe(path)}, a scalar: a 0-d leaf has nothing to prune. "
+          "Leave it out of `where` (the default selects leaves with ndim >= 2).")
     flags.append(flag)
   if not any(flags):
     listing = ", ".join(path_str(p) or "<root>" for p, _ in leaves[:8])
@@ -216,6 +222,10 @@ def check_masks(masks: PyTree, params: PyTree, root: str = "params") -> None:
     if m is None:
       continue
     m = unwrap(m)
+    if p is None:
+      raise ValueError(
+          f"{describe(path, root)} is None but the leaf is sparsified: expected an array of "
+          f"shape {jnp.shape(m)}. Give it a zero gradient, or leave it out of `where`.")
     p_shape = jnp.shape(unwrap(p))
     if jnp.shape(m) != p_shape:
       raise ValueError(

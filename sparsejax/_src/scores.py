@@ -1,13 +1,17 @@
-"""Importance scores that methods rank entries by.
+"""Importance scores: one signature for every method.
 
-Each function takes trees restricted to the sparsified leaves (``None`` at
-dense leaves) and returns scores in the same form. Inactive entries score
-``-inf`` where a method must not bring them back on its own.
+A score function is ``score(params, grads, masks, ctx) -> scores``: it takes
+trees restricted to the sparsified leaves (``None`` at dense leaves), the
+masks before the update and an `UpdateContext`, and returns float scores of
+the params' shapes; higher means "keep" (or "grow"). Methods decide which
+entries a score may pick (active ones to keep, inactive ones to grow), so a
+score never needs to know the mask.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,35 +21,55 @@ from sparsejax._src import pytree
 PyTree = Any
 
 
-def check_key(key: jax.Array) -> None:
-  """Raises ValueError unless `key` is one JAX PRNG key (typed, or raw uint32[2])."""
-  ok = isinstance(key, jax.Array) and (
-      jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-      or (key.dtype == jnp.uint32 and key.shape == (2,)))
-  if not ok:
-    raise ValueError(f"key must be a JAX PRNG key such as jax.random.key(0), got {key!r}")
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape != ():
-    raise ValueError(f"key must be a single PRNG key such as jax.random.key(0), got an array of "
-                     f"keys of shape {key.shape}")
+class UpdateContext(NamedTuple):
+  """What a score function sees besides params, grads and masks.
+
+  Attributes:
+    step: the step of this mask update.
+    key: a PRNG key for this update, ``fold_in(key, step)``.
+    state: the score state, if the method was given ``score_state``.
+  """
+
+  step: jax.Array
+  key: jax.Array
+  state: Any
 
 
-def magnitude(params: PyTree, masks: PyTree) -> PyTree:
-  """``|w|`` for active entries, ``-inf`` for pruned ones."""
-  return jax.tree.map(lambda w, m: jnp.where(m, jnp.abs(w).astype(jnp.float32), -jnp.inf),
-                      params, masks)
+ScoreFn = Callable[[PyTree, PyTree, PyTree, UpdateContext], PyTree]
 
 
-def saliency(params: PyTree, grads: PyTree, masks: PyTree) -> PyTree:
-  """SNIP connection sensitivity ``|w * g|`` for active entries, ``-inf`` otherwise."""
-  return jax.tree.map(
-      lambda w, g, m: jnp.where(m, jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32)),
-                                -jnp.inf),
-      params, grads, masks)
+def _f32_abs(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.abs(x).astype(jnp.float32), tree)
 
 
-def random(masks: PyTree, key: jax.Array) -> PyTree:
-  """Uniform random scores in [0, 1) per sparsified leaf, one key per leaf index."""
-  leaves, treedef = pytree.flatten(masks)
-  out = [None if m is None else jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(m))
-         for i, (_, m) in enumerate(leaves)]
+def magnitude_score(params, grads, masks, ctx):
+  """``|w|``: keep the largest weights (magnitude pruning, the drop score of RigL and SET)."""
+  del grads, masks, ctx
+  return _f32_abs(params)
+
+
+def gradient_score(params, grads, masks, ctx):
+  """``|g|`` of the dense gradient: grow where the loss would move most (RigL)."""
+  del params, masks, ctx
+  return _f32_abs(grads)
+
+
+def saliency_score(params, grads, masks, ctx):
+  """SNIP's connection sensitivity ``|w * g|``."""
+  del masks, ctx
+  return jax.tree.map(lambda w, g: jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32)),
+                      params, grads)
+
+
+def random_score(params, grads, masks, ctx):
+  """Uniform random scores in [0, 1) from the update's key: grow at random (SET)."""
+  del params, grads
+  return random_scores(masks, ctx.key)
+
+
+def random_scores(like: PyTree, key: jax.Array) -> PyTree:
+  """Uniform scores in [0, 1) of the shapes of `like`'s leaves, one key per leaf index."""
+  leaves, treedef = pytree.flatten(like)
+  out = [None if x is None else jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x))
+         for i, (_, x) in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, out)

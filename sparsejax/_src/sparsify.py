@@ -107,28 +107,68 @@ def _check_method_masks(new: PyTree, old: PyTree, when: str) -> None:
         f"the sparsity method's {when} returned masks with structure {new_def}; "
         f"expected {old_def} (bool arrays at sparsified leaves, None at dense ones)")
   for (path, n), (_, o) in zip(new_leaves, old_leaves):
+    where = pytree.describe(path, "masks")
+    if o is None and n is not None:
+      raise ValueError(f"the sparsity method's {when} returned a mask at {where}, a dense leaf "
+                       "(not selected by `where`): expected None there")
+    if o is not None and n is None:
+      raise ValueError(f"the sparsity method's {when} returned None at {where}, a sparsified "
+                       f"leaf: expected a bool array of shape {jnp.shape(o)}")
     if n is None:
       continue
     if jnp.shape(n) != jnp.shape(o) or jnp.result_type(n) != jnp.bool_:
       raise ValueError(
-          f"the sparsity method's {when} returned {pytree.describe(path, 'masks')} with "
-          f"shape {jnp.shape(n)} and dtype {jnp.result_type(n)}; expected shape "
-          f"{jnp.shape(o)} and dtype bool")
+          f"the sparsity method's {when} returned {where} with shape {jnp.shape(n)} and dtype "
+          f"{jnp.result_type(n)}; expected shape {jnp.shape(o)} and dtype bool")
 
 
-def _reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.OptState,
-                       keep: PyTree) -> optax.OptState:
-  """Zeroes param-shaped inner state where `keep` is False (True at dense leaves)."""
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.transforms.MaskedNode)
 
-  masked_node = lambda x: isinstance(x, optax.transforms.MaskedNode)
+
+def _zero_inactive(inner_state: optax.OptState, params: PyTree, keep: PyTree) -> optax.OptState:
+  """Zeroes the inner state where `keep` is False, in every params-shaped subtree.
+
+  A subtree is params-shaped when it has the params' tree structure (optax's
+  per-parameter state: momenta, Adam moments, schedule-free's ``z``, L-BFGS
+  memories); ``optax.masked`` and ``optax.partition`` branches hold
+  `MaskedNode` at the leaves they skip. A leaf whose trailing dims are the
+  param's shape (a stack of memories) is zeroed along them too. Unlike
+  `optax.tree_utils.tree_map_params` this never runs the inner `init` on a
+  placeholder, so label functions and line searches see real params.
+  """
+  params_def = jax.tree.structure(params, is_leaf=_is_masked_node)
+  keep_leaves = jax.tree.leaves(keep)
 
   def reset(s, k):
-    # MaskedNode marks leaves an optax.masked / optax.partition branch skips.
-    if masked_node(s) or k is True or jnp.shape(s) != jnp.shape(k):
+    if _is_masked_node(s) or k is True or not hasattr(s, "shape"):
+      return s
+    if s.shape[s.ndim - k.ndim:] != k.shape or s.ndim < k.ndim:
       return s
     return jnp.where(k, s, jnp.zeros((), s.dtype))
 
-  return optax.tree_utils.tree_map_params(inner, reset, inner_state, keep, is_leaf=masked_node)
+  def is_params_shaped(x):
+    return jax.tree.structure(x, is_leaf=_is_masked_node) == params_def
+
+  def reset_tree(x):
+    if not is_params_shaped(x):
+      return x
+    leaves, treedef = jax.tree.flatten(x, is_leaf=_is_masked_node)
+    return jax.tree.unflatten(treedef, [reset(s, k) for s, k in zip(leaves, keep_leaves)])
+
+  return jax.tree.map(reset_tree, inner_state, is_leaf=is_params_shaped)
+
+
+def _land_on_zero(keep: PyTree, updates: PyTree, params: PyTree) -> PyTree:
+  """Updates that take every entry where `keep` is False to exactly zero: ``-param`` there."""
+
+  def land(k, u, p):
+    if k is None:
+      return u
+    dtype = jnp.promote_types(u.dtype, p.dtype)
+    return jnp.where(k, u.astype(dtype), -p.astype(dtype))
+
+  return jax.tree.map(land, keep, updates, params, is_leaf=pytree.is_none)
 
 
 def sparsify(
@@ -144,9 +184,23 @@ def sparsify(
   nonzero-allowed entries the method's schedule gives. Only the leaves that
   `where` selects are sparsified; the others are trained dense.
 
+  One `update` call, with ``t = state.count``:
+
+  1. the inner optimizer updates with the gradients zeroed at pruned entries;
+  2. if ``method.should_update(t + 1)``, the method computes the masks for
+     step ``t + 1`` (under `lax.cond`, so state shapes never change) from the
+     params this step produces and this step's raw gradients;
+  3. the returned updates take every entry that is not active both before
+     and after the mask change to exactly zero: pruned weights, and weights
+     grown at this step, which start training at the next step;
+  4. the inner optimizer's per-parameter state is zeroed at the same entries,
+     so a regrown entry starts from zero state.
+
+  So ``get_masks(state)`` always holds the masks of step ``state.count``.
+
   Args:
     inner: any optax transformation (a chain, `inject_hyperparams`, ...).
-    method: a `SparsityMethod` such as `magnitude`, `snip` or `static_random`.
+    method: a `SparsityMethod` such as `magnitude`, `snip` or `rigl`.
     where: which leaves to sparsify, decided once at `init`: a callable
       ``(path, leaf) -> bool``, a path pattern (regex searched in
       ``"a/b/kernel"``) or a sequence of them, or None for floating leaves with
@@ -157,7 +211,7 @@ def sparsify(
     `SparsifyState`. Its `update` requires `params`.
 
   Example:
-    >>> method = sj.magnitude(sj.polynomial_schedule(0.0, 0.9, 100, 1000), update_every=100)
+    >>> method = sj.magnitude(sj.cubic_schedule(0.9, begin_step=100, end_step=1000))
     >>> tx = sj.sparsify(optax.adam(1e-3), method)
     >>> state = tx.init(params)
     >>> params = sj.apply_masks(params, sj.get_masks(state))
@@ -172,73 +226,69 @@ def sparsify(
         f"inner must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {inner!r}")
   inner = optax.with_extra_args_support(inner)
 
+  def keep_tree(masks, params):
+    """Masks with True at dense leaves (None where the param is None)."""
+    return jax.tree.map(lambda m, p: (None if p is None else True) if m is None else m,
+                        masks, params, is_leaf=pytree.is_none)
+
   def init_fn(params):
     template = pytree.full_masks(params, where)
     masks, method_state = method.init(sharding.gathered(pytree.restrict(template, params)))
     _check_method_masks(masks, template, "init")
     masks = sharding.like(masks, pytree.restrict(masks, params))
-    return SparsifyState(
-        count=jnp.zeros([], jnp.int32),
-        masks=masks,
-        inner_state=inner.init(params),
-        method_state=method_state)
+    inner_state = inner.init(params)
+    if not method.dense_params:
+      inner_state = _zero_inactive(inner_state, params, keep_tree(masks, params))
+    return SparsifyState(count=jnp.zeros([], jnp.int32), masks=masks, inner_state=inner_state,
+                         method_state=method_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     pytree.check_masks(state.masks, params)
     pytree.check_masks(state.masks, updates, root="updates")
-    step = state.count
-
-    def change(operand):
-      masks, old_state = operand
-      new_masks, method_state = method.update(
-          sharding.gathered(masks), old_state, sharding.gathered(pytree.restrict(masks, params)),
-          sharding.gathered(pytree.restrict(masks, updates)), step)
-      _check_method_masks(new_masks, masks, "update")
-      # Both branches of the cond must agree in sharding too.
-      return sharding.like(new_masks, masks), sharding.like(method_state, old_state)
-
-    masks, method_state = lax.cond(
-        jnp.asarray(method.should_update(step), jnp.bool_), change, lambda operand: operand,
-        (state.masks, state.method_state))
+    old, step = state.masks, optax.safe_increment(state.count)  # the masks' next step
+    raw = updates
 
     if method.dense_params:
       # Straight-through training: every weight trains; the estimator decides
       # what pruned weights learn.
       if method.estimate_grads is not None:
-        estimated = method.estimate_grads(pytree.restrict(masks, updates), masks,
-                                          pytree.restrict(masks, params), step)
-        updates = jax.tree.map(lambda m, g, e: g if m is None else e, masks, updates,
+        estimated = method.estimate_grads(pytree.restrict(old, updates), old,
+                                          pytree.restrict(old, params), state.count)
+        updates = jax.tree.map(lambda m, g, e: g if m is None else e, old, updates,
                                estimated, is_leaf=pytree.is_none)
       new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-      return new_updates, SparsifyState(
-          count=optax.safe_increment(step), masks=masks, inner_state=inner_state,
-          method_state=method_state)
+      stepped = new_updates
+    else:
+      grads = jax.tree.map(
+          lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)),
+          old, updates, is_leaf=pytree.is_none)
+      new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+      stepped = _land_on_zero(old, new_updates, params)
 
-    # Inactive entries hold zero optimizer state, so entries grown later
-    # start from zero. (Reading only the new masks lets XLA update the
-    # masks in place instead of copying them.)
-    keep = jax.tree.map(lambda m, p: (None if p is None else True) if m is None else m,
-                        masks, params, is_leaf=pytree.is_none)
-    inner_state = _reset_inner_state(inner, state.inner_state, keep)
-    grads = jax.tree.map(
-        lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)),
-        masks, updates, is_leaf=pytree.is_none)
-    new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+    def change(operand):
+      masks, method_state = operand
+      after = optax.apply_updates(pytree.restrict(masks, params), pytree.restrict(masks, stepped))
+      new_masks, new_state = method.update(
+          sharding.gathered(masks), method_state, sharding.gathered(after),
+          sharding.gathered(pytree.restrict(masks, raw)), step)
+      _check_method_masks(new_masks, masks, "update")
+      # Both branches of the cond must agree in sharding too.
+      return sharding.like(new_masks, masks), sharding.like(new_state, method_state)
 
-    def land_on_zero(m, u, p):
-      if m is None:
-        return u
-      dtype = jnp.promote_types(u.dtype, p.dtype)
-      return jnp.where(m, u.astype(dtype), -p.astype(dtype))
+    masks, method_state = lax.cond(
+        jnp.asarray(method.should_update(step), jnp.bool_), change, lambda operand: operand,
+        (old, state.method_state))
 
-    new_updates = jax.tree.map(land_on_zero, masks, new_updates, params, is_leaf=pytree.is_none)
-    return new_updates, SparsifyState(
-        count=optax.safe_increment(step),
-        masks=masks,
-        inner_state=inner_state,
-        method_state=method_state)
+    if not method.dense_params:
+      # Active before and after: everything else lands on zero with zero state.
+      keep = jax.tree.map(lambda o, n: None if o is None else o & n, old, masks,
+                          is_leaf=pytree.is_none)
+      new_updates = _land_on_zero(keep, new_updates, params)
+      inner_state = _zero_inactive(inner_state, params, keep_tree(keep, params))
+    return new_updates, SparsifyState(count=step, masks=masks, inner_state=inner_state,
+                                      method_state=method_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -260,19 +310,34 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
   """The masks inside an optimizer state, wherever `sparsify` put them.
 
   Works for a plain `sparsify` state and for one nested in `optax.chain`,
-  `optax.inject_hyperparams` or `nnx.Optimizer(...).opt_state`; nnx wrappers
-  are removed, so the result pairs with plain params.
+  `optax.inject_hyperparams`, `optax.masked`, `optax.partition` (one
+  `sparsify` per branch is fine: each owns its leaves) or
+  ``nnx.Optimizer(...).opt_state``. Leaves that no `sparsify` owns are dense
+  (None); nnx wrappers are removed, so the result pairs with plain params.
 
   Raises:
-    ValueError: if the state holds no `SparsifyState`, or more than one.
+    ValueError: if the state holds no `SparsifyState`, or several that claim
+      the same leaf.
 
   Example:
     >>> masks = sj.get_masks(opt_state)
   """
   is_state = lambda x: isinstance(x, SparsifyState)
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
-  if len(found) != 1:
-    raise ValueError(
-        f"expected exactly one SparsifyState in the optimizer state, found {len(found)}; "
-        "the state must come from an optimizer built with sj.sparsify")
-  return jax.tree.map(pytree.unwrap, found[0].masks, is_leaf=pytree.is_variable)
+  if not found:
+    raise ValueError("the optimizer state holds no SparsifyState: it must come from an "
+                     "optimizer built with sj.sparsify")
+  is_leaf = lambda x: x is None or _is_masked_node(x) or pytree.is_variable(x)
+  flat = [jax.tree_util.tree_flatten_with_path(f.masks, is_leaf=is_leaf) for f in found]
+  treedef = flat[0][1]
+  if any(d != treedef for _, d in flat):
+    raise ValueError(f"the optimizer state holds {len(found)} SparsifyStates over different "
+                     "params trees; call get_masks on the state of one of them")
+  out = []
+  for i, (path, _) in enumerate(flat[0][0]):
+    owned = [leaves[i][1] for leaves, _ in flat if not _is_masked_node(leaves[i][1])]
+    if len(owned) > 1:
+      raise ValueError(f"{pytree.describe(path, 'masks')} is owned by {len(owned)} sparsify "
+                       "transformations; each leaf may be sparsified by one only")
+    out.append(pytree.unwrap(owned[0]) if owned else None)
+  return jax.tree_util.tree_unflatten(treedef, out)

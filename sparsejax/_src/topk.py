@@ -200,7 +200,10 @@ def _searched_topk(s: jax.Array, k: jax.Array) -> jax.Array:
   return _cut(s, lo, hi, c_lo, c_hi, k)
 
 
-def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
+METHODS = ("sort", "search")
+
+
+def topk_mask(scores: jax.Array, k: jax.Array | int, *, method: str | None = None) -> jax.Array:
   """Mask of the `k` largest `scores`, exactly `k` True entries.
 
   Ties go to the lower flat index, NaN ranks below ``-inf`` and subnormal
@@ -211,6 +214,10 @@ def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
   Args:
     scores: float array of any shape (computed in float32).
     k: number of entries to keep.
+    method: "sort" (a stable argsort: the reference), "search" (a threshold
+      search by counting passes, no sort: fast on large arrays) or None
+      (the default: sort up to 65,536 entries, search above). Both give the
+      same mask.
 
   Returns:
     bool array of the shape of `scores`.
@@ -227,13 +234,15 @@ def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
   if (not jnp.issubdtype(jnp.result_type(k), jnp.integer) and not isinstance(k, jax.core.Tracer)
       and not float(k).is_integer()):
     raise ValueError(f"k={k!r} must be an integer")
+  if method is not None and method not in METHODS:
+    raise ValueError(f"method={method!r} must be one of {METHODS} or None")
   n = scores.size
   if n > _MAX_SIZE:
     raise ValueError(f"topk_mask supports up to {_MAX_SIZE} entries, got {n}")
   if n == 0:
     return jnp.zeros(scores.shape, jnp.bool_)
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
-  if n <= SORT_MAX_SIZE:
+  if method == "sort" or (method is None and n <= SORT_MAX_SIZE):
     mask = _sorted_topk(keys(scores), k)
   else:
     mask = _searched_topk(_sanitize(scores), jnp.maximum(k, 1)) & (k > 0)
