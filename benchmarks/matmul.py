@@ -4,7 +4,7 @@ For each size M = K = N and block density, times ``x @ w`` (forward) and its
 gradient with respect to x and w (forward+backward) for every implementation
 available on the backend, and prints each time divided by the dense
 `jnp.dot` time measured in the same run. Ideal block skipping gives a ratio
-equal to the density. Masks keep the same number of blocks in every block
+equal to the density. Layouts keep the same number of blocks in every block
 column (so no slot is padding).
 
   python benchmarks/matmul.py                       # CPU: 512 and 2048
@@ -28,14 +28,14 @@ _BLOCK = flags.DEFINE_integer("block", 128, "Block size (square blocks).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (median).")
 
 
-def balanced_mask(rng, grid, density):
+def balanced_layout(rng, grid, density):
   """`density` of each block column active, rows drawn at random."""
   rows, cols = grid
   per_col = max(1, round(density * rows))
-  mask = np.zeros(grid, bool)
+  layout = np.zeros(grid, bool)
   for j in range(cols):
-    mask[rng.permutation(rows)[:per_col], j] = True
-  return mask
+    layout[rng.permutation(rows)[:per_col], j] = True
+  return layout
 
 
 def main(argv):
@@ -64,16 +64,16 @@ def main(argv):
           f"{'f+b ratio':>9}")
     seen = set()
     for d in (float(s) for s in _DENSITIES.value):
-      mask = balanced_mask(rng, (n // block, n // block), d)
-      density = float(mask.mean())
+      layout = balanced_layout(rng, (n // block, n // block), d)
+      density = float(layout.mean())
       if density in seen:  # too few blocks per column for this density
         continue
       seen.add(density)
-      w = sj.BlockSparseMatrix.from_dense(dense_w, mask)
+      w = sj.matmul.BlockSparseMatrix.from_dense(dense_w, layout)
       for impl in implementations(backend):
-        fwd = jax.jit(lambda x, w, i=impl: sj.block_sparse_matmul(x, w, implementation=i))
+        fwd = jax.jit(lambda x, w, i=impl: sj.matmul.block_sparse_matmul(x, w, implementation=i))
         bwd = jax.jit(jax.grad(
-            lambda x, v, w, i=impl: jnp.vdot(sj.block_sparse_matmul(
+            lambda x, v, w, i=impl: jnp.vdot(sj.matmul.block_sparse_matmul(
                 x, w._replace(values=v), implementation=i), ct).astype(jnp.float32),
             argnums=(0, 1)))
         s_fwd = timed(fwd, x, w, repeats=repeats)

@@ -3,7 +3,7 @@
 Values and gradients of x and of the block values under jit. Pallas kernels
 run on CPU in interpret mode (the *Interpret classes); on a GPU or TPU the
 parent classes run them compiled. Lowering checks export the kernels for CUDA
-and TPU.
+and TPU. Also the format, layouts and the static patterns.
 """
 
 import hypothesis
@@ -16,29 +16,33 @@ import pytest
 import sparsejax as sj
 from sparsejax._src.matmul import pallas_gpu
 from sparsejax._src.matmul import pallas_tpu
+from sparsejax._src.matmul import reference
 
 TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 
-def random_mask(rng, grid, density):
-  mask = rng.random(grid) < density
-  mask[rng.integers(grid[0]), rng.integers(grid[1])] = True  # never empty
-  return mask
+def random_layout(rng, grid, density):
+  layout = rng.random(grid) < density
+  layout[rng.integers(grid[0]), rng.integers(grid[1])] = True  # never empty
+  return layout
 
 
 def check(impl, x, w, cotangent, interpret, block_m=None):
   """Forward and gradients of `impl` against the float32 reference, under jit."""
 
   def loss(impl, x, values):
-    y = sj.block_sparse_matmul(x, w._replace(values=values), implementation=impl,
-                               interpret=interpret, block_m=block_m)
+    y = sj.matmul.block_sparse_matmul(x, w._replace(values=values), implementation=impl,
+                                      interpret=interpret, block_m=block_m)
     return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+  def reference_loss(x, values):
+    y = reference.block_sparse_matmul(x, w._replace(values=values))
+    return jnp.sum(y * cotangent), y
 
   grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
   (dx, dv), y = grad(impl, x, w.values)
   x32, v32 = x.astype(jnp.float32), w.values.astype(jnp.float32)
-  (rx, rv), ref = jax.grad(lambda x, v: loss("reference", x, v), argnums=(0, 1),
-                           has_aux=True)(x32, v32)
+  (rx, rv), ref = jax.grad(reference_loss, argnums=(0, 1), has_aux=True)(x32, v32)
   assert y.shape == ref.shape and y.dtype == x.dtype
   assert dx.shape == x.shape and dx.dtype == x.dtype
   assert dv.shape == w.values.shape and dv.dtype == w.values.dtype
@@ -55,12 +59,12 @@ def check(impl, x, w, cotangent, interpret, block_m=None):
 
 def case(key, m, k, n, block, density, dtype, seed=0):
   rng = np.random.default_rng(seed)
-  mask = random_mask(rng, (k // block[0], n // block[1]), density)
+  layout = random_layout(rng, (k // block[0], n // block[1]), density)
   kx, kw, kc = jax.random.split(key, 3)
-  w = sj.BlockSparseMatrix.from_dense(jax.random.normal(kw, (k, n)).astype(dtype), mask)
+  w = sj.matmul.BlockSparseMatrix.from_dense(jax.random.normal(kw, (k, n)).astype(dtype), layout)
   x = jax.random.normal(kx, (m, k)).astype(dtype)
   cotangent = jax.random.normal(kc, (m, n), jnp.float32)
-  return x, w, cotangent, mask
+  return x, w, cotangent, layout
 
 
 class TestXLA:
@@ -81,13 +85,13 @@ class TestXLA:
 
   def test_leading_dims_and_empty_columns(self):
     bk, bn = self.BLOCK
-    mask = np.zeros((3, 4), bool)
-    mask[[0, 2], 1] = True
-    mask[1, 3] = True  # columns 0 and 2 empty: their outputs are 0
-    w = sj.BlockSparseMatrix.from_dense(jnp.ones((3 * bk, 4 * bn)), mask)
+    layout = np.zeros((3, 4), bool)
+    layout[[0, 2], 1] = True
+    layout[1, 3] = True  # columns 0 and 2 empty: their outputs are 0
+    w = sj.matmul.BlockSparseMatrix.from_dense(jnp.ones((3 * bk, 4 * bn)), layout)
     x = jax.random.normal(jax.random.key(1), (2, 5, 3 * bk))
-    y = sj.block_sparse_matmul(x, w, implementation=self.IMPLEMENTATION,
-                               interpret=self.INTERPRET, block_m=self.BLOCK_M)
+    y = sj.matmul.block_sparse_matmul(x, w, implementation=self.IMPLEMENTATION,
+                                      interpret=self.INTERPRET, block_m=self.BLOCK_M)
     assert y.shape == (2, 5, 4 * bn)
     np.testing.assert_array_equal(np.asarray(y[..., :bn]), 0)
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w.to_dense()), atol=1e-4, rtol=1e-4)
@@ -135,49 +139,102 @@ def test_random_shapes(implementation, bk, bn, grid, m, density, dtype, seed):
   check(implementation, x, w, ct, True, 16)
 
 
+@pytest.mark.parametrize("implementation", ["reference", "xla", "pallas_triton", "pallas_tpu"])
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_empty_batch(implementation, lead):
+  w = sj.matmul.BlockSparseMatrix.from_dense(jnp.ones((256, 384), jnp.bfloat16),
+                                             np.eye(2, 3, dtype=bool))
+  x = jnp.ones(lead + (256,), jnp.bfloat16)
+
+  def f(x, values):
+    return sj.matmul.block_sparse_matmul(x, w._replace(values=values),
+                                         implementation=implementation, interpret=True)
+
+  y = jax.jit(f)(x, w.values)
+  assert y.shape == lead + (384,) and y.dtype == jnp.bfloat16
+  dx, dv = jax.jit(jax.grad(lambda x, v: f(x, v).astype(jnp.float32).sum(), argnums=(0, 1)))(
+      x, w.values)
+  assert dx.shape == x.shape and dx.dtype == x.dtype
+  assert dv.shape == w.values.shape and dv.dtype == w.values.dtype
+  np.testing.assert_array_equal(np.asarray(dv, np.float32), 0)  # no rows, no gradient
+
+
+def test_forward_mode_only_in_reference():
+  w = sj.matmul.BlockSparseMatrix.from_dense(jnp.ones((32, 32)), np.eye(2, dtype=bool))
+  x, t = jnp.ones((3, 32)), jnp.arange(96.0).reshape(3, 32)
+  matmul = lambda impl: lambda x: sj.matmul.block_sparse_matmul(x, w, implementation=impl)
+  _, tangent = jax.jvp(matmul("reference"), (x,), (t,))
+  np.testing.assert_allclose(np.asarray(tangent), np.asarray(t @ w.to_dense()), rtol=1e-6)
+  with pytest.raises(TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp"):
+    jax.jvp(matmul("xla"), (x,), (t,))
+
+
 def test_format_round_trip_and_transposed_lists():
   rng = np.random.default_rng(0)
-  mask = random_mask(rng, (5, 6), 0.4)
+  layout = random_layout(rng, (5, 6), 0.4)
   dense = rng.standard_normal((5 * 8, 6 * 4)).astype(np.float32)
-  w = sj.BlockSparseMatrix.from_dense(jnp.asarray(dense), mask)
+  w = sj.matmul.BlockSparseMatrix.from_dense(jnp.asarray(dense), layout)
   assert w.shape == (40, 24) and w.block_shape == (8, 4) and w.grid == (5, 6)
-  assert w.max_per_col == mask.sum(0).max() and w.max_per_row == mask.sum(1).max()
-  np.testing.assert_array_equal(np.asarray(w.block_mask()), mask)
+  assert w.max_per_col == layout.sum(0).max() and w.max_per_row == layout.sum(1).max()
+  np.testing.assert_array_equal(np.asarray(w.layout()), layout)
   np.testing.assert_array_equal(np.asarray(w.to_dense()),
-                                dense * np.kron(mask, np.ones((8, 4), bool)))
+                                dense * np.kron(layout, np.ones((8, 4), bool)))
   # Every transposed entry points at the slot holding the same block.
   for r in range(5):
     for t in range(int(w.t_count[r])):
       j, s = int(w.t_col[r, t]), int(w.t_slot[r, t])
       assert int(w.row_index[j, s]) == r and s < int(w.count[j])
-  np.testing.assert_array_equal(np.asarray(w.count), mask.sum(0))
-  np.testing.assert_array_equal(np.asarray(w.t_count), mask.sum(1))
+  np.testing.assert_array_equal(np.asarray(w.count), layout.sum(0))
+  np.testing.assert_array_equal(np.asarray(w.t_count), layout.sum(1))
   # The nonzero blocks of a masked matrix give the same format.
-  again = sj.BlockSparseMatrix.from_dense(w.to_dense(), block_shape=(8, 4))
-  np.testing.assert_array_equal(np.asarray(again.block_mask()), mask)
+  again = sj.matmul.BlockSparseMatrix.from_dense(w.to_dense(), block_shape=(8, 4))
+  np.testing.assert_array_equal(np.asarray(again.layout()), layout)
 
 
-def test_traced_masks_change_data_not_shapes():
+def test_block_layout_of_a_block_mask():
+  layout = np.array([[True, False, True], [False, False, True]])
+  mask = np.kron(layout, np.ones((4, 2), bool))
+  np.testing.assert_array_equal(np.asarray(sj.matmul.block_layout(mask, (4, 2))), layout)
+  stacked = np.stack([mask, ~mask])  # leading dims are tiled by 1
+  np.testing.assert_array_equal(np.asarray(sj.matmul.block_layout(stacked, (4, 2))),
+                                np.stack([layout, ~layout]))
+  traced = jax.jit(lambda m: sj.matmul.block_layout(m, (4, 2)))(jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(traced), layout)
+  with pytest.raises(ValueError, match=r"block_shape=\(4, 4\) does not divide the mask of shape "
+                                       r"\(8, 6\)"):
+    sj.matmul.block_layout(mask, (4, 4))
+  with pytest.raises(ValueError, match=r"block_shape=\(2, 2, 2\) does not divide the mask"):
+    sj.matmul.block_layout(np.ones((4, 4), bool), (2, 2, 2))
+  with pytest.raises(ValueError, match=r"not block-structured for block_shape=\(2, 2\): some "
+                                       "tiles are partly on"):
+    sj.matmul.block_layout(np.eye(4, dtype=bool), (2, 2))
+  with pytest.raises(ValueError, match="mask dtype float32 must be bool"):
+    sj.matmul.block_layout(jnp.ones((4, 4)), (2, 2))
+  with pytest.raises(ValueError, match=r"block_shape=\(0, 2\) must be a tuple of integers >= 1"):
+    sj.matmul.block_layout(np.ones((4, 4), bool), (0, 2))
+
+
+def test_traced_layouts_change_data_not_shapes():
   rng = np.random.default_rng(1)
   dense = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
   x = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
   traces = []
 
   @jax.jit
-  def f(mask):
+  def f(layout):
     traces.append(1)
-    w = sj.BlockSparseMatrix.from_dense(dense, mask, max_per_col=2, max_per_row=3)
-    return sj.block_sparse_matmul(x, w, implementation="xla"), w.block_mask()
+    w = sj.matmul.BlockSparseMatrix.from_dense(dense, layout, max_per_col=2, max_per_row=3)
+    return sj.matmul.block_sparse_matmul(x, w, implementation="xla"), w.layout()
 
   for seed in range(3):
-    mask = np.zeros((4, 4), bool)
-    mask[rng.permutation(4)[:2], seed] = True
-    y, kept = f(jnp.asarray(mask))
-    np.testing.assert_array_equal(np.asarray(kept), mask)
-    expanded = np.kron(mask, np.ones((16, 16), bool))
+    layout = np.zeros((4, 4), bool)
+    layout[rng.permutation(4)[:2], seed] = True
+    y, kept = f(jnp.asarray(layout))
+    np.testing.assert_array_equal(np.asarray(kept), layout)
+    expanded = np.kron(layout, np.ones((16, 16), bool))
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ (dense * expanded)), atol=1e-4)
   assert len(traces) == 1
-  # A traced mask that overflows its slots keeps the blocks that fit, the
+  # A traced layout that overflows its slots keeps the blocks that fit, the
   # same ones forward and backward.
   full = jnp.ones((4, 4), bool)
   y, kept = f(full)
@@ -187,36 +244,38 @@ def test_traced_masks_change_data_not_shapes():
 
 
 def test_bad_input():
-  w = sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((4, 2), bool))
+  from_dense, matmul = sj.matmul.BlockSparseMatrix.from_dense, sj.matmul.block_sparse_matmul
+  w = from_dense(jnp.ones((64, 32)), np.ones((4, 2), bool))
   with pytest.raises(ValueError, match=r"x.shape\[-1\] must be 64"):
-    sj.block_sparse_matmul(jnp.ones((3, 48)), w)
+    matmul(jnp.ones((3, 48)), w)
   with pytest.raises(ValueError, match="x and w must share one of float32.*bfloat16 and w float32"):
-    sj.block_sparse_matmul(jnp.ones((3, 64), jnp.bfloat16), w)
+    matmul(jnp.ones((3, 64), jnp.bfloat16), w)
   with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
-    sj.block_sparse_matmul(jnp.ones((3, 64)), w, implementation="cuda")
+    matmul(jnp.ones((3, 64)), w, implementation="cuda")
+  with pytest.raises(ValueError, match="block_m=0 must be an integer >= 1"):
+    matmul(jnp.ones((3, 64)), w, implementation="pallas", block_m=0)
   with pytest.raises(ValueError, match=r"w.row_index has entries outside \[0, 4\)"):
-    sj.block_sparse_matmul(jnp.ones((3, 64)), w._replace(row_index=w.row_index + 3))
+    matmul(jnp.ones((3, 64)), w._replace(row_index=w.row_index + 3))
   with pytest.raises(ValueError, match=r"w.t_slot must be an integer array of shape \(4, 2\)"):
-    sj.block_sparse_matmul(jnp.ones((3, 64)), w._replace(t_slot=w.t_slot[:2]))
-  with pytest.raises(ValueError, match="must be a sj.BlockSparseMatrix"):
-    sj.block_sparse_matmul(jnp.ones((3, 64)), jnp.ones((64, 32)))
+    matmul(jnp.ones((3, 64)), w._replace(t_slot=w.t_slot[:2]))
+  with pytest.raises(ValueError, match="w must be a sj.matmul.BlockSparseMatrix"):
+    matmul(jnp.ones((3, 64)), jnp.ones((64, 32)))
   with pytest.raises(ValueError, match=r"block_shape=\(16, 24\) does not divide w of shape "
                                        r"\(64, 32\)"):
-    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), block_shape=(16, 24))
-  with pytest.raises(ValueError, match=r"block_mask of shape \(3, 2\) does not tile w of shape"):
-    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((3, 2), bool))
-  with pytest.raises(ValueError, match="block_mask must be a 2-d bool array"):
-    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((4, 2)))
-  with pytest.raises(ValueError, match="max_per_col=1 but a block column of the mask has 4"):
-    sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), np.ones((4, 2), bool), max_per_col=1)
-  with pytest.raises(ValueError, match="a traced block_mask needs max_per_col and max_per_row"):
-    jax.jit(lambda m: sj.BlockSparseMatrix.from_dense(jnp.ones((64, 32)), m))(
-        jnp.ones((4, 2), bool))
+    from_dense(jnp.ones((64, 32)), block_shape=(16, 24))
+  with pytest.raises(ValueError, match=r"layout of shape \(3, 2\) does not tile w of shape"):
+    from_dense(jnp.ones((64, 32)), np.ones((3, 2), bool))
+  with pytest.raises(ValueError, match="layout must be a 2-d bool array"):
+    from_dense(jnp.ones((64, 32)), np.ones((4, 2)))
+  with pytest.raises(ValueError, match="max_per_col=1 but a block column of the layout has 4"):
+    from_dense(jnp.ones((64, 32)), np.ones((4, 2), bool), max_per_col=1)
+  with pytest.raises(ValueError, match="a traced layout needs max_per_col and max_per_row"):
+    jax.jit(lambda m: from_dense(jnp.ones((64, 32)), m))(jnp.ones((4, 2), bool))
   with pytest.raises(ValueError, match="the TPU kernel needs a block shape of multiples of 128"):
-    sj.block_sparse_matmul(jnp.ones((8, 64)), w, implementation="pallas_tpu")
-  odd = sj.BlockSparseMatrix.from_dense(jnp.ones((48, 32)), np.ones((2, 2), bool))
+    matmul(jnp.ones((8, 64)), w, implementation="pallas_tpu")
+  odd = from_dense(jnp.ones((48, 32)), np.ones((2, 2), bool))
   with pytest.raises(ValueError, match="the GPU kernel needs bk a power of 2 >= 16, got 24"):
-    sj.block_sparse_matmul(jnp.ones((8, 48)), odd, implementation="pallas_triton")
+    matmul(jnp.ones((8, 48)), odd, implementation="pallas_triton")
 
 
 def _export(fn, platform, *args):
@@ -228,12 +287,11 @@ def _export(fn, platform, *args):
 @pytest.mark.parametrize("platform, marker", [("cuda", "__gpu$xla.gpu.triton"),
                                               ("tpu", "tpu_custom_call")])
 def test_kernels_lower_for_gpu_and_tpu(platform, marker):
-  mask = sj.block_diagonal_mask((4, 4), 2)
-  w = sj.BlockSparseMatrix.from_dense(jnp.ones((512, 512), jnp.bfloat16), mask)
+  layout = sj.matmul.block_diagonal_layout((4, 4), 2)
+  w = sj.matmul.BlockSparseMatrix.from_dense(jnp.ones((512, 512), jnp.bfloat16), layout)
   x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16)
   kernel = pallas_gpu if platform == "cuda" else pallas_tpu
-  sizes = kernel.BlockSizes.get_default()
-  fwd = lambda x, w: kernel.block_sparse_matmul(x, w, sizes, False)
+  fwd = lambda x, w: kernel.block_sparse_matmul(x, w, kernel.BlockSizes.get_default(), False)
   assert _export(fwd, platform, x, w).count(marker) == 1
   grad = jax.grad(lambda x, v: fwd(x, w._replace(values=v)).astype(jnp.float32).sum(),
                   argnums=(0, 1))
@@ -241,24 +299,24 @@ def test_kernels_lower_for_gpu_and_tpu(platform, marker):
 
 
 def test_patterns():
-  diag = sj.block_diagonal_mask((8, 4), 4)
+  diag = sj.matmul.block_diagonal_layout((8, 4), 4)
   assert diag.shape == (8, 4) and diag.sum() == 8 and diag[0, 0] and diag[7, 3]
   assert not diag[0, 1]
-  first, second = sj.monarch_masks((16, 8), 4)
+  first, second = sj.matmul.monarch_layouts((16, 8), 4)
   assert first.shape == (16, 16) and second.shape == (16, 8)
   assert first.mean() == second.mean() == 0.25
   # The two factors together reach every output from every input.
   assert (first.astype(int) @ second.astype(int) > 0).all()
-  fly = sj.butterfly_mask((16, 16), max_stride=4)
+  fly = sj.matmul.butterfly_layout((16, 16), max_stride=4)
   assert (fly.sum(1) == 4).all() and (fly == fly.T).all() and fly[5, 5] and fly[5, 1]
   assert not fly[5, 13]  # stride 8 is beyond max_stride
-  wide = sj.butterfly_mask((4, 8))
+  wide = sj.matmul.butterfly_layout((4, 8))
   np.testing.assert_array_equal(wide[:, :4], wide[:, 4:])
   with pytest.raises(ValueError, match="num_blocks=3 must divide both dims"):
-    sj.block_diagonal_mask((8, 4), 3)
-  with pytest.raises(ValueError, match="monarch_masks needs row_blocks a multiple of"):
-    sj.monarch_masks((8, 8), 4)
+    sj.matmul.block_diagonal_layout((8, 4), 3)
+  with pytest.raises(ValueError, match="monarch_layouts needs row_blocks a multiple of"):
+    sj.matmul.monarch_layouts((8, 8), 4)
   with pytest.raises(ValueError, match="max_stride=16 must be a power of 2 below 16"):
-    sj.butterfly_mask((16, 16), max_stride=16)
-  with pytest.raises(ValueError, match="the smaller of shape=.* a power of 2"):
-    sj.butterfly_mask((6, 12))
+    sj.matmul.butterfly_layout((16, 16), max_stride=16)
+  with pytest.raises(ValueError, match="butterfly_layout needs the smaller of shape=.* a power"):
+    sj.matmul.butterfly_layout((6, 12))

@@ -18,16 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sparsejax._src import pallas_common
 from sparsejax._src.matmul import format as format_lib
-from sparsejax._src.matmul import reference
-
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _dot(a, b, dims):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +43,12 @@ class BlockSizes:
   def get_default(cls) -> BlockSizes:
     return cls()
 
-
-def _compiler_params(block_sizes: BlockSizes):
-  """The backend choice, in one place: Triton, which runs on Ampere and newer."""
-  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-  return pl_triton.CompilerParams(num_warps=block_sizes.num_warps,
-                                  num_stages=block_sizes.num_stages)
+  def compiler_params(self, interpret: bool):
+    """Triton launch settings (None in the interpreter)."""
+    if interpret:
+      return None
+    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+    return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _validate_args(x, w: format_lib.BlockSparseMatrix, block_sizes: BlockSizes):
@@ -69,10 +61,14 @@ def _validate_args(x, w: format_lib.BlockSparseMatrix, block_sizes: BlockSizes):
                      f"block_m={block_sizes.block_m}")
 
 
+def _dot(a, b, dims):
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def _fwd_kernel(count_ref, index_ref, x_ref, v_ref, y_ref, *, bk):
   def body(s, acc):
     rows = pl.ds(index_ref[s] * bk, bk)
-    return acc + _dot(x_ref[:, rows], v_ref[s], _NN)
+    return acc + _dot(x_ref[:, rows], v_ref[s], pallas_common.NN)
 
   acc = lax.fori_loop(0, count_ref[0], body, jnp.zeros(y_ref.shape, jnp.float32))
   y_ref[...] = acc.astype(y_ref.dtype)
@@ -81,7 +77,7 @@ def _fwd_kernel(count_ref, index_ref, x_ref, v_ref, y_ref, *, bk):
 def _dx_kernel(count_ref, col_ref, slot_ref, dy_ref, v_ref, dx_ref, *, bn):
   def body(t, acc):
     j = col_ref[t]
-    return acc + _dot(dy_ref[:, pl.ds(j * bn, bn)], v_ref[j, slot_ref[t]], _NT)
+    return acc + _dot(dy_ref[:, pl.ds(j * bn, bn)], v_ref[j, slot_ref[t]], pallas_common.NT)
 
   acc = lax.fori_loop(0, count_ref[0], body, jnp.zeros(dx_ref.shape, jnp.float32))
   dx_ref[...] = acc.astype(dx_ref.dtype)
@@ -94,15 +90,33 @@ def _dw_kernel(count_ref, index_ref, x_ref, dy_ref, dv_ref, *, bk, block_m):
 
   def body(t, acc):
     m = pl.ds(t * block_m, block_m)
-    return acc + _dot(x_ref[m, rows], dy_ref[m, :], _TN)
+    return acc + _dot(x_ref[m, rows], dy_ref[m, :], pallas_common.TN)
 
   acc = lax.fori_loop(0, tiles, body, jnp.zeros(dv_ref.shape, jnp.float32))
   dv_ref[...] = acc.astype(dv_ref.dtype)
 
 
-def _forward(x, w, block_sizes, interpret):
-  m, k = x.shape
-  cols, slots, bk, bn = w.values.shape
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def block_sparse_matmul(x: jax.Array, w: format_lib.BlockSparseMatrix,
+                        block_sizes: BlockSizes = BlockSizes.get_default(),
+                        interpret: bool = False) -> jax.Array:
+  """``x @ w`` with Pallas GPU kernels (Triton backend); reverse-mode differentiable.
+
+  Args:
+    x: [M, K], M a multiple of ``block_sizes.block_m`` (0 gives an empty
+      result without a launch).
+    w: a `BlockSparseMatrix` of shape [K, N] in x's dtype.
+    block_sizes: `BlockSizes` launch settings.
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
+
+  Returns:
+    [M, N] in x's dtype.
+  """
+  _validate_args(x, w, block_sizes)
+  (m, k), (cols, slots, bk, bn) = x.shape, w.values.shape
+  if not m:
+    return jnp.zeros((0, cols * bn), x.dtype)
   bm = block_sizes.block_m
   return pl.pallas_call(
       functools.partial(_fwd_kernel, bk=bk),
@@ -113,17 +127,23 @@ def _forward(x, w, block_sizes, interpret):
                 pl.BlockSpec((None, slots, bk, bn), lambda i, j: (j, 0, 0, 0))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((m, cols * bn), x.dtype),
-      compiler_params=None if interpret else _compiler_params(block_sizes),
+      compiler_params=block_sizes.compiler_params(interpret),
       interpret=interpret, name="block_sparse_matmul_fwd",
   )(w.count, w.row_index, x, w.values)
 
 
-def _backward(x, w, dy, block_sizes, interpret):
-  m, k = x.shape
-  (rows, cols), (bk, bn) = w.grid, w.block_shape
-  slots, per_row = w.max_per_col, w.max_per_row
-  bm = block_sizes.block_m
-  params = None if interpret else _compiler_params(block_sizes)
+def _fwd(x, w, block_sizes, interpret):
+  return block_sparse_matmul(x, w, block_sizes, interpret), (x, w)
+
+
+def _bwd(block_sizes, interpret, residuals, dy):
+  x, w = residuals
+  (m, k), (rows, cols), (bk, bn) = x.shape, w.grid, w.block_shape
+  if not m:
+    return jnp.zeros_like(x), w.cotangent(jnp.zeros_like(w.values))
+  slots, per_row, bm = w.max_per_col, w.max_per_row, block_sizes.block_m
+  params = block_sizes.compiler_params(interpret)
+  dy = dy.astype(x.dtype)
   dx = pl.pallas_call(
       functools.partial(_dx_kernel, bn=bn),
       grid=(m // bm, rows),
@@ -147,40 +167,7 @@ def _backward(x, w, dy, block_sizes, interpret):
       out_shape=jax.ShapeDtypeStruct(w.values.shape, w.values.dtype),
       compiler_params=params, interpret=interpret, name="block_sparse_matmul_dw",
   )(w.count, w.row_index, x, dy)
-  return dx, dvalues
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def block_sparse_matmul(x, w, block_sizes, interpret):
-  """``x @ w`` with Pallas GPU kernels (Triton backend).
-
-  Args:
-    x: [M, K], M a multiple of ``block_sizes.block_m``.
-    w: a `BlockSparseMatrix` of shape [K, N] in x's dtype.
-    block_sizes: `BlockSizes` launch settings.
-    interpret: run the kernels in the Pallas interpreter (CPU tests).
-
-  Returns:
-    [M, N] in x's dtype.
-  """
-  _validate_args(x, w, block_sizes)
-  return _forward(x, w, block_sizes, interpret)
-
-
-def _fwd(x, w, block_sizes, interpret):
-  return block_sparse_matmul(x, w, block_sizes, interpret), (x, w)
-
-
-def _bwd(block_sizes, interpret, residuals, dy):
-  x, w = residuals
-  dx, dvalues = _backward(x, w, dy.astype(x.dtype), block_sizes, interpret)
   return dx, w.cotangent(dvalues)
 
 
 block_sparse_matmul.defvjp(_fwd, _bwd)
-
-
-def block_sparse_matmul_reference(x, w):
-  """The jnp oracle the kernels are tested against."""
-  return reference.matmul_reference(x, w)

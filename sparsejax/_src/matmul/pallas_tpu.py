@@ -19,12 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sparsejax._src import pallas_common
 from sparsejax._src.matmul import format as format_lib
-from sparsejax._src.matmul import reference
-
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +38,6 @@ class BlockSizes:
     return cls()
 
 
-def _compiler_params():
-  """The backend choice, in one place: Mosaic TPU."""
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  # Every grid ends in its reduction axis.
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-
-
 def _validate_args(x, w: format_lib.BlockSparseMatrix, block_sizes: BlockSizes):
   bk, bn = w.block_shape
   if bk % 128 or bn % 128:
@@ -58,66 +47,80 @@ def _validate_args(x, w: format_lib.BlockSparseMatrix, block_sizes: BlockSizes):
                      f"of x ({x.shape[0]})")
 
 
+def _accumulate(a_ref, b_ref, acc_ref, out_ref, dims, *, first, active, last):
+  """``acc += a @ b`` (in `dims`) where `active`; zeroed at `first`, written out at `last`."""
+
+  @pl.when(first)
+  def _():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(active)
+  def _():
+    acc_ref[...] += lax.dot_general(a_ref[...], b_ref[...], dims,
+                                    preferred_element_type=jnp.float32)
+
+  @pl.when(last)
+  def _():
+    out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _fwd_kernel(count_ref, index_ref, x_ref, v_ref, y_ref, acc_ref):
+  del index_ref
+  j, s = pl.program_id(1), pl.program_id(2)
+  _accumulate(x_ref, v_ref, acc_ref, y_ref, pallas_common.NN, first=s == 0,
+              active=s < count_ref[j], last=s == pl.num_programs(2) - 1)
+
+
+def _dx_kernel(count_ref, col_ref, slot_ref, dy_ref, v_ref, dx_ref, acc_ref):
+  del col_ref, slot_ref
+  r, t = pl.program_id(1), pl.program_id(2)
+  _accumulate(dy_ref, v_ref, acc_ref, dx_ref, pallas_common.NT, first=t == 0,
+              active=t < count_ref[r], last=t == pl.num_programs(2) - 1)
+
+
+def _dw_kernel(count_ref, index_ref, x_ref, dy_ref, dv_ref, acc_ref):
+  del index_ref
+  j, s, m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  _accumulate(x_ref, dy_ref, acc_ref, dv_ref, pallas_common.TN, first=m == 0,
+              active=s < count_ref[j], last=m == pl.num_programs(2) - 1)
+
+
+def _compiler_params(interpret: bool):
+  """Mosaic settings (None in the interpreter): every grid ends in its reduction axis."""
+  if interpret:
+    return None
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
 def _clamped(index, count, size):
   """Slot s of a padded list, or its last valid slot once past the count."""
   return lambda j, s: index[j * size + jnp.minimum(s, jnp.maximum(count[j] - 1, 0))]
 
 
-def _fwd_kernel(count_ref, index_ref, x_ref, v_ref, y_ref, acc_ref):
-  j, s = pl.program_id(1), pl.program_id(2)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def block_sparse_matmul(x: jax.Array, w: format_lib.BlockSparseMatrix,
+                        block_sizes: BlockSizes = BlockSizes.get_default(),
+                        interpret: bool = False) -> jax.Array:
+  """``x @ w`` with Pallas TPU kernels; reverse-mode differentiable.
 
-  @pl.when(s == 0)
-  def _():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  Args:
+    x: [M, K], M a multiple of ``block_sizes.block_m`` (0 gives an empty
+      result without a launch).
+    w: a `BlockSparseMatrix` of shape [K, N] in x's dtype, blocks multiples
+      of 128.
+    block_sizes: `BlockSizes`.
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
 
-  @pl.when(s < count_ref[j])
-  def _():
-    acc_ref[...] += lax.dot_general(x_ref[...], v_ref[...], _NN,
-                                    preferred_element_type=jnp.float32)
-
-  @pl.when(s == pl.num_programs(2) - 1)
-  def _():
-    y_ref[...] = acc_ref[...].astype(y_ref.dtype)
-
-
-def _dx_kernel(count_ref, col_ref, slot_ref, dy_ref, v_ref, dx_ref, acc_ref):
-  r, t = pl.program_id(1), pl.program_id(2)
-
-  @pl.when(t == 0)
-  def _():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-  @pl.when(t < count_ref[r])
-  def _():
-    acc_ref[...] += lax.dot_general(dy_ref[...], v_ref[...], _NT,
-                                    preferred_element_type=jnp.float32)
-
-  @pl.when(t == pl.num_programs(2) - 1)
-  def _():
-    dx_ref[...] = acc_ref[...].astype(dx_ref.dtype)
-
-
-def _dw_kernel(count_ref, index_ref, x_ref, dy_ref, dv_ref, acc_ref):
-  j, s, m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-
-  @pl.when(m == 0)
-  def _():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-  @pl.when(s < count_ref[j])
-  def _():
-    acc_ref[...] += lax.dot_general(x_ref[...], dy_ref[...], _TN,
-                                    preferred_element_type=jnp.float32)
-
-  @pl.when(m == pl.num_programs(2) - 1)
-  def _():
-    dv_ref[...] = acc_ref[...].astype(dv_ref.dtype)
-
-
-def _forward(x, w, block_sizes, interpret):
+  Returns:
+    [M, N] in x's dtype.
+  """
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  m = x.shape[0]
-  cols, slots, bk, bn = w.values.shape
+  _validate_args(x, w, block_sizes)
+  m, (cols, slots, bk, bn) = x.shape[0], w.values.shape
+  if not m:
+    return jnp.zeros((0, cols * bn), x.dtype)
   bm = block_sizes.block_m
 
   def x_map(i, j, s, count, index):
@@ -137,18 +140,24 @@ def _forward(x, w, block_sizes, interpret):
           out_specs=pl.BlockSpec((bm, bn), lambda i, j, s, count, index: (i, j)),
           scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((m, cols * bn), x.dtype),
-      compiler_params=None if interpret else _compiler_params(),
+      compiler_params=_compiler_params(interpret),
       interpret=interpret, name="block_sparse_matmul_fwd_tpu",
   )(w.count, w.row_index.reshape(-1), x, w.values)
 
 
-def _backward(x, w, dy, block_sizes, interpret):
+def _fwd(x, w, block_sizes, interpret):
+  return block_sparse_matmul(x, w, block_sizes, interpret), (x, w)
+
+
+def _bwd(block_sizes, interpret, residuals, dy):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  m, k = x.shape
-  (rows, cols), (bk, bn) = w.grid, w.block_shape
-  slots, per_row = w.max_per_col, w.max_per_row
-  bm = block_sizes.block_m
-  params = None if interpret else _compiler_params()
+  x, w = residuals
+  (m, k), (rows, cols), (bk, bn) = x.shape, w.grid, w.block_shape
+  if not m:
+    return jnp.zeros_like(x), w.cotangent(jnp.zeros_like(w.values))
+  slots, per_row, bm = w.max_per_col, w.max_per_row, block_sizes.block_m
+  params = _compiler_params(interpret)
+  dy = dy.astype(x.dtype)
 
   def t_of(r, t, count):
     return r * per_row + jnp.minimum(t, jnp.maximum(count[r] - 1, 0))
@@ -194,41 +203,7 @@ def _backward(x, w, dy, block_sizes, interpret):
       out_shape=jax.ShapeDtypeStruct(w.values.shape, w.values.dtype),
       compiler_params=params, interpret=interpret, name="block_sparse_matmul_dw_tpu",
   )(w.count, w.row_index.reshape(-1), x, dy)
-  return dx, dvalues
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def block_sparse_matmul(x, w, block_sizes, interpret):
-  """``x @ w`` with Pallas TPU kernels.
-
-  Args:
-    x: [M, K], M a multiple of ``block_sizes.block_m``.
-    w: a `BlockSparseMatrix` of shape [K, N] in x's dtype, blocks multiples
-      of 128.
-    block_sizes: `BlockSizes`.
-    interpret: run the kernels in the Pallas interpreter (CPU tests).
-
-  Returns:
-    [M, N] in x's dtype.
-  """
-  _validate_args(x, w, block_sizes)
-  return _forward(x, w, block_sizes, interpret)
-
-
-def _fwd(x, w, block_sizes, interpret):
-  return block_sparse_matmul(x, w, block_sizes, interpret), (x, w)
-
-
-def _bwd(block_sizes, interpret, residuals, dy):
-  x, w = residuals
-  dx, dvalues = _backward(x, w, dy.astype(x.dtype), block_sizes, interpret)
   return dx, w.cotangent(dvalues)
 
 
 block_sparse_matmul.defvjp(_fwd, _bwd)
-
-
-def block_sparse_matmul_reference(x, w):
-  """The jnp oracle the kernels are tested against."""
-  return reference.matmul_reference(x, w)

@@ -1,21 +1,19 @@
-"""Static structured block masks: block-diagonal, Monarch and flat butterfly.
+"""Static structured block layouts: block-diagonal, Monarch and flat butterfly.
 
-Each builder returns a host NumPy bool array over the block grid
+Each builder returns a host NumPy layout, a bool array over the block grid
 ``(row_blocks, col_blocks)`` of a ``[K, N]`` weight, ready for
-`BlockSparseMatrix.from_dense` or the `block_mask` of a block-sparse layer.
+`BlockSparseMatrix.from_dense` or the `layout` of a block-sparse layer.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+from sparsejax._src import _checks
 
 
 def _check_int(name: str, value) -> None:
-  if not _is_int(value):
+  if not _checks.is_int(value):
     raise ValueError(f"{name}={value!r} must be an integer")
 
 
@@ -24,7 +22,7 @@ def _grid(shape) -> tuple[int, int]:
     rows, cols = shape
   except (TypeError, ValueError):
     raise ValueError(f"shape={shape!r} must be a (row_blocks, col_blocks) pair") from None
-  if not (_is_int(rows) and _is_int(cols)):
+  if not (_checks.is_int(rows) and _checks.is_int(cols)):
     raise ValueError(f"shape={shape!r} must be a (row_blocks, col_blocks) pair of integers")
   rows, cols = int(rows), int(cols)
   if rows < 1 or cols < 1:
@@ -32,7 +30,7 @@ def _grid(shape) -> tuple[int, int]:
   return rows, cols
 
 
-def block_diagonal_mask(shape: tuple[int, int], num_blocks: int) -> np.ndarray:
+def block_diagonal_layout(shape: tuple[int, int], num_blocks: int) -> np.ndarray:
   """`num_blocks` diagonal groups: block row group g reaches column group g.
 
   Args:
@@ -43,7 +41,7 @@ def block_diagonal_mask(shape: tuple[int, int], num_blocks: int) -> np.ndarray:
     bool[row_blocks, col_blocks].
 
   Example:
-    >>> sj.block_diagonal_mask((8, 8), 4)  # four 2x2 groups of blocks
+    >>> sj.matmul.block_diagonal_layout((8, 8), 4)  # four 2x2 groups of blocks
   """
   rows, cols = _grid(shape)
   _check_int("num_blocks", num_blocks)
@@ -53,8 +51,8 @@ def block_diagonal_mask(shape: tuple[int, int], num_blocks: int) -> np.ndarray:
           == np.arange(cols)[None, :] // (cols // num_blocks))
 
 
-def monarch_masks(shape: tuple[int, int], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-  """Masks of the two factors of a Monarch matrix ``W = W1 @ W2``.
+def monarch_layouts(shape: tuple[int, int], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+  """Layouts of the two factors of a Monarch matrix ``W = W1 @ W2``.
 
   ``W1`` ([row_blocks, row_blocks] blocks) is block-diagonal; ``W2``
   ([row_blocks, col_blocks]) is block-diagonal after a stride permutation of
@@ -71,24 +69,24 @@ def monarch_masks(shape: tuple[int, int], num_blocks: int) -> tuple[np.ndarray, 
     num_blocks: diagonal groups per factor.
 
   Returns:
-    (mask1 bool[row_blocks, row_blocks], mask2 bool[row_blocks, col_blocks]).
+    (layout1 bool[row_blocks, row_blocks], layout2 bool[row_blocks, col_blocks]).
 
   Example:
-    >>> m1, m2 = sj.monarch_masks((16, 16), 4)
+    >>> l1, l2 = sj.matmul.monarch_layouts((16, 16), 4)
   """
   rows, cols = _grid(shape)
   _check_int("num_blocks", num_blocks)
   if num_blocks < 1 or rows % (num_blocks * num_blocks) or cols % num_blocks:
-    raise ValueError(f"monarch_masks needs row_blocks a multiple of num_blocks**2 and "
+    raise ValueError(f"monarch_layouts needs row_blocks a multiple of num_blocks**2 and "
                      f"col_blocks a multiple of num_blocks; got shape={(rows, cols)}, "
                      f"{num_blocks=}")
-  first = block_diagonal_mask((rows, rows), num_blocks)
+  first = block_diagonal_layout((rows, rows), num_blocks)
   second = (np.arange(rows)[:, None] % num_blocks
             == np.arange(cols)[None, :] // (cols // num_blocks))
   return first, second
 
 
-def butterfly_mask(shape: tuple[int, int], max_stride: int | None = None) -> np.ndarray:
+def butterfly_layout(shape: tuple[int, int], max_stride: int | None = None) -> np.ndarray:
   """The flat block butterfly: the union of butterfly factors' supports.
 
   Block (i, j) is active when ``i == j`` or ``i XOR j`` is a power of two up
@@ -109,12 +107,12 @@ def butterfly_mask(shape: tuple[int, int], max_stride: int | None = None) -> np.
     bool[row_blocks, col_blocks].
 
   Example:
-    >>> sj.butterfly_mask((16, 16), max_stride=4)  # 4 blocks per row
+    >>> sj.matmul.butterfly_layout((16, 16), max_stride=4)  # 4 blocks per row
   """
   rows, cols = _grid(shape)
   n = min(rows, cols)
   if n & (n - 1) or max(rows, cols) % n:
-    raise ValueError(f"butterfly_mask needs the smaller of shape={(rows, cols)} a power of 2 "
+    raise ValueError(f"butterfly_layout needs the smaller of shape={(rows, cols)} a power of 2 "
                      "dividing the larger")
   if max_stride is not None:
     _check_int("max_stride", max_stride)
@@ -125,3 +123,8 @@ def butterfly_mask(shape: tuple[int, int], max_stride: int | None = None) -> np.
   j = np.arange(cols)[None, :] % n
   x = i ^ j
   return (x == 0) | ((x & (x - 1) == 0) & (x <= max_stride))
+
+
+block_diagonal_mask = block_diagonal_layout  # TODO(lead): remove alias
+monarch_masks = monarch_layouts  # TODO(lead): remove alias
+butterfly_mask = butterfly_layout  # TODO(lead): remove alias
