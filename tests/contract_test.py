@@ -17,13 +17,14 @@ from flax import nnx
 
 import sparsejax as sj
 
-_POLY = sj.polynomial_schedule(0.0, 0.9, begin_step=0, end_step=8, power=3)
+_POLY = sj.cubic_schedule(0.9, end_step=8)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   make: Callable[[], sj.SparsityMethod]
-  # Sparsity the masks must have after the update call with this count.
+  # Sparsity the masks must have after the update call with this count
+  # (the masks of the next step).
   sparsity_at: Callable[[int], float]
   distribution: str
   # Kept entries per leaf when a method counts otherwise (SRigL: per neuron).
@@ -31,26 +32,28 @@ class Entry:
 
 
 def _every(n, schedule):
-  return lambda step: float(schedule(n * (step // n)))
+  return lambda step: float(schedule(n * ((step + 1) // n)))
 
 
 METHODS = {
     "static_random_uniform": Entry(
-        lambda: sj.static_random(0.8, key=jax.random.key(0)), lambda step: 0.8, "uniform"),
+        lambda: sj.static_random(0.8, distribution="uniform", key=jax.random.key(0)),
+        lambda step: 0.8, "uniform"),
     "static_random_erk": Entry(
-        lambda: sj.static_random(0.8, "erk", key=jax.random.key(1)), lambda step: 0.8, "erk"),
+        lambda: sj.static_random(0.8, distribution="erk", key=jax.random.key(1)), lambda step: 0.8, "erk"),
     "magnitude_uniform": Entry(
-        lambda: sj.magnitude(_POLY, update_every=2), _every(2, _POLY), "uniform"),
+        lambda: sj.magnitude(_POLY, update_every=2, distribution="uniform"), _every(2, _POLY),
+        "uniform"),
     "magnitude_erk": Entry(
         lambda: sj.magnitude(_POLY, update_every=2, distribution="erk"), _every(2, _POLY), "erk"),
     "magnitude_global": Entry(
         lambda: sj.magnitude(_POLY, update_every=2, distribution="global"), _every(2, _POLY),
         "global"),
     "magnitude_one_shot": Entry(
-        lambda: sj.magnitude(sj.one_shot(0.75, step=3), update_every=1),
-        lambda step: 0.75 if step >= 3 else 0.0, "uniform"),
+        lambda: sj.magnitude(sj.one_shot(0.75, step=3), update_every=1, distribution="uniform"),
+        lambda step: 0.75 if step + 1 >= 3 else 0.0, "uniform"),
     "snip_global": Entry(lambda: sj.snip(0.85), lambda step: 0.85, "global"),
-    "snip_erk": Entry(lambda: sj.snip(0.85, "erk"), lambda step: 0.85, "erk"),
+    "snip_erk": Entry(lambda: sj.snip(0.85, distribution="erk"), lambda step: 0.85, "erk"),
     "set_erk": Entry(
         lambda: sj.set_evolution(0.8, end_step=9, update_every=2, key=jax.random.key(2)),
         lambda step: 0.8, "erk"),
@@ -64,12 +67,12 @@ METHODS = {
         lambda step: 0.75, "uniform_blocks_8x1"),
     "granet_dense_to_sparse": Entry(
         lambda: sj.granet(0.9, end_step=8, update_every=2, key=jax.random.key(4)),
-        lambda step: float(sj.polynomial_schedule(0.0, 0.9, 0, 8)(2 * (min(step, 8) // 2))),
+        lambda step: float(sj.cubic_schedule(0.9, end_step=8)(2 * (min(step + 1, 8) // 2))),
         "erk"),
     "granet_sparse_to_sparse": Entry(
         lambda: sj.granet(0.9, init_sparsity=0.5, end_step=8, update_every=2,
                           distribution="uniform", key=jax.random.key(5)),
-        lambda step: float(sj.polynomial_schedule(0.5, 0.9, 0, 8)(2 * (min(step, 8) // 2))),
+        lambda step: float(sj.cubic_schedule(0.9, init_sparsity=0.5, end_step=8)(2 * (min(step + 1, 8) // 2))),
         "uniform"),
     **{f"n_m_{estimator}": Entry(
         lambda estimator=estimator: sj.n_m(
@@ -166,8 +169,18 @@ def forward_params(params, state, entry):
 
 
 def checked(params, masks, entry):
-  """The params whose pruned entries must be exactly zero."""
-  return sj.apply_masks(params, masks) if is_dense(entry) else params
+  """The params whose pruned entries must be exactly zero.
+
+  Straight-through methods keep dense params: their masks must be the exact
+  N:M masks of the params' magnitudes (masks change after the optimizer
+  step), and the model they export is the params where the masks are True.
+  """
+  if not is_dense(entry):
+    return params
+  for m, p in zip(jax.tree.leaves(masks), _sparsified(masks, params)):
+    np.testing.assert_array_equal(m, sj.n_m_mask(jnp.abs(p), 2, 4))
+  return jax.tree.map(lambda m, p: p if m is None else np.where(m, p, 0), masks, params,
+                      is_leaf=lambda x: x is None)
 
 
 def _sparsified(masks, params):
@@ -344,7 +357,8 @@ def test_nnx_optimizer(name):
     step(model, optimizer, x, y)
     masks = sj.get_masks(optimizer.opt_state)
     params = nnx.state(model, nnx.Param)
-    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(checked(params, masks, entry)))
+    pure = checked(jax.tree.map(np.asarray, nnx.to_pure_dict(params)), nnx.to_pure_dict(masks),
+                   entry)
     assert_exact(masks, pure, entry, i)
   assert optax.tree.get(optimizer.opt_state, "masks") is not None
   assert masks["dense0"]["bias"] is None

@@ -26,11 +26,11 @@ def is_int(x: Any) -> bool:
 
 
 def static(name: str, value: Any, owner: str) -> None:
-  """Raises ValueError if `value` is traced: `name` shapes the computation."""
-  if not is_concrete(value):
+  """Raises ValueError if `value` is an array (traced or not): `name` shapes the computation."""
+  if isinstance(value, jax.Array):
     raise ValueError(
-        f"{owner}: {name} shapes the computation and must be a Python value, got a traced "
-        f"array. Under optax.inject_hyperparams pass static_args=({name!r},).")
+        f"{owner}: {name} shapes the computation and must be a Python value, got an array. "
+        f"Under optax.inject_hyperparams pass static_args=({name!r},).")
 
 
 def fraction(name: str, value: Any, *, closed: bool = False, schedule: bool = True) -> None:

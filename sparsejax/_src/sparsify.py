@@ -138,10 +138,10 @@ def _zero_inactive(inner_state: optax.OptState, params: PyTree, keep: PyTree) ->
   placeholder, so label functions and line searches see real params.
   """
   params_def = jax.tree.structure(params, is_leaf=_is_masked_node)
-  keep_leaves = jax.tree.leaves(keep)
+  keep_leaves = jax.tree.leaves(keep, is_leaf=_is_masked_node)
 
   def reset(s, k):
-    if _is_masked_node(s) or k is True or not hasattr(s, "shape"):
+    if _is_masked_node(s) or _is_masked_node(k) or k is True or not hasattr(s, "shape"):
       return s
     if s.shape[s.ndim - k.ndim:] != k.shape or s.ndim < k.ndim:
       return s
