@@ -125,6 +125,3 @@ def butterfly_layout(shape: tuple[int, int], max_stride: int | None = None) -> n
   return (x == 0) | ((x & (x - 1) == 0) & (x <= max_stride))
 
 
-block_diagonal_mask = block_diagonal_layout  # TODO(lead): remove alias
-monarch_masks = monarch_layouts  # TODO(lead): remove alias
-butterfly_mask = butterfly_layout  # TODO(lead): remove alias
