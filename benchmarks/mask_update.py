@@ -76,7 +76,7 @@ def main(argv):
     scores = [{"w": jnp.abs(layer["w"]), "b": None} for layer in params]
     cells = []
     for dist in ("uniform", "erk", "global"):
-      fn = jax.jit(lambda s, dist=dist: sj.topk_masks(s, _SPARSITY, dist))
+      fn = jax.jit(lambda s, dist=dist: sj.masks_from_scores(s, _SPARSITY, distribution=dist))
       cells.append(timed(fn, scores, repeats=repeats))
 
     method = sj.rigl(_SPARSITY, end_step=10**6, update_every=1, drop_fraction=0.3,

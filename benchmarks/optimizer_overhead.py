@@ -46,9 +46,9 @@ def configs(sparsity, every):
   return {
       "adam (dense)": optax.adam(1e-3),
       "static_random, uniform": sj.sparsify(optax.adam(1e-3), sj.static_random(sparsity, key=key)),
-      "magnitude, uniform": sj.sparsify(optax.adam(1e-3), sj.magnitude(sparsity, every)),
-      "magnitude, erk": sj.sparsify(optax.adam(1e-3), sj.magnitude(sparsity, every, "erk")),
-      "magnitude, global": sj.sparsify(optax.adam(1e-3), sj.magnitude(sparsity, every, "global")),
+      **{f"magnitude, {d}": sj.sparsify(
+          optax.adam(1e-3), sj.magnitude(sparsity, update_every=every, distribution=d))
+         for d in ("uniform", "erk", "global")},
       "snip, global": sj.sparsify(optax.adam(1e-3), sj.snip(sparsity)),
   }
 
@@ -95,7 +95,8 @@ def main(argv):
   flat = jax.tree.map(jnp.abs, params0)
   scores = [{"w": layer["w"], "b": None} for layer in flat]
 
-  candidates = {f"top-k, {d}": (lambda s, d=d: sj.topk_masks(s, _SPARSITY.value, d))
+  candidates = {f"top-k, {d}": (
+      lambda s, d=d: sj.masks_from_scores(s, _SPARSITY.value, distribution=d))
                 for d in ("uniform", "erk", "global")}
   candidates["argsort, uniform (reference)"] = lambda s: argsort_masks(s, _SPARSITY.value)
   for label, fn in candidates.items():

@@ -50,13 +50,15 @@ def make_method(name, sparsity, distribution, total_steps, key, granularity=None
   every = max(total_steps // 50, 1)
   end = 3 * total_steps // 4
   if name == "static_random":
-    return sj.static_random(sparsity, distribution, key=key, granularity=granularity)
+    return sj.static_random(sparsity, key=key, distribution=distribution,
+                            granularity=granularity)
   if name == "magnitude":
-    schedule = sj.polynomial_schedule(0.0, sparsity, begin_step=total_steps // 10,
-                                      end_step=6 * total_steps // 10)
-    return sj.magnitude(schedule, every, distribution, granularity=granularity)
+    schedule = sj.cubic_schedule(sparsity, begin_step=total_steps // 10,
+                                 end_step=6 * total_steps // 10)
+    return sj.magnitude(schedule, update_every=every, distribution=distribution,
+                        granularity=granularity)
   if name == "snip":
-    return sj.snip(sparsity, distribution, granularity=granularity)
+    return sj.snip(sparsity, distribution=distribution, granularity=granularity)
   if name == "set_evolution":
     return sj.set_evolution(sparsity, end_step=end, update_every=every,
                             distribution=distribution, granularity=granularity, key=key)

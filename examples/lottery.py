@@ -107,7 +107,7 @@ def prune(params, masks, sparsity):
                    jnp.where(masks[name]["kernel"], jnp.abs(layer["kernel"]), -jnp.inf),
                    "bias": None}
             for name, layer in params.items()}
-  return sj.topk_masks(scores, sparsity, "global")
+  return sj.masks_from_scores(scores, sparsity, distribution="global")
 
 
 def kernel_sparsity(params):

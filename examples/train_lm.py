@@ -11,7 +11,7 @@ trained from the same initialization on the same batches:
   (each query block reads the `--k_blocks` key blocks with the largest pooled
   scores, routed per batch and head inside jit);
 * FFN weights, through `sj.sparsify`: `rigl` (unstructured RigL),
-  `n_m` (2:4 with SR-STE) and `block` (`sj.flax.BlockSparseLinear` with
+  `n_m` (2:4 with SR-STE) and `block` (`sj.nn.BlockSparseLinear` with
   block RigL, run block-sparse after training).
 
 The default corpus is Python source from the standard library (it ships with
@@ -148,7 +148,7 @@ class TransformerBlock(nnx.Module):
     self.attention = Attention(attention, rngs)
     self.norm2 = nnx.LayerNorm(d, rngs=rngs)
     if ffn == "block":
-      linear = functools.partial(sj.flax.BlockSparseLinear, block_shape=_FFN_BLOCK)
+      linear = functools.partial(sj.nn.BlockSparseLinear, block_shape=_FFN_BLOCK)
     else:
       linear = nnx.Linear
     self.up = linear(d, 4 * d, rngs=rngs)
@@ -218,7 +218,7 @@ def run(attention, ffn, train_data, val_batches):
   val = float(np.mean([eval_loss(model, x, y) for x, y in val_batches]))
   note = ""
   if ffn == "block":  # after training: compute only the kept tiles
-    sj.flax.to_block_sparse(model)
+    sj.nn.to_block_sparse(model)
     converted = float(np.mean([eval_loss(model, x, y) for x, y in val_batches]))
     note = f"block-sparse inference: val loss {converted:.4f}"
   kernels = [np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))

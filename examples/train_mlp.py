@@ -53,16 +53,16 @@ _PLOT_PATH = flags.DEFINE_string("plot_path", "train_mlp.png", "Where --plot wri
 class MLP(nnx.Module):
   """An MLP with two hidden layers of 256 and 128 units.
 
-  With `block_shape` the hidden layers are `sj.flax.BlockSparseLinear`: dense
+  With `block_shape` the hidden layers are `sj.nn.BlockSparseLinear`: dense
   kernels while training (the optimizer prunes whole tiles), block-sparse
-  matmuls after `sj.flax.to_block_sparse`.
+  matmuls after `sj.nn.to_block_sparse`.
   """
 
   def __init__(self, features, classes, rngs, block_shape=None):
     if block_shape is None:
       hidden = nnx.Linear
     else:
-      hidden = functools.partial(sj.flax.BlockSparseLinear, block_shape=block_shape)
+      hidden = functools.partial(sj.nn.BlockSparseLinear, block_shape=block_shape)
     self.hidden1 = hidden(features, 256, rngs=rngs)
     self.hidden2 = hidden(256, 128, rngs=rngs)
     self.out = nnx.Linear(128, classes, rngs=rngs)
@@ -151,8 +151,8 @@ def main(argv):
   print(sj.summary(params, masks))
   if block_shape is not None:
     # Inference with block-sparse matmuls over the tiles the optimizer kept.
-    sj.flax.to_block_sparse(model)
-    blocks = {name: f"{int(layer.block_mask[...].sum())}/{layer.block_mask[...].size}"
+    sj.nn.to_block_sparse(model)
+    blocks = {name: f"{int(layer.layout[...].sum())}/{layer.layout[...].size}"
               for name, layer in [("hidden1", model.hidden1), ("hidden2", model.hidden2)]}
     print(f"block-sparse inference: test acc {float(accuracy(model, x_test, y_test)):.4f}, "
           f"active {block_shape[0]}x{block_shape[1]} tiles {blocks}")

@@ -34,15 +34,22 @@ def test_writing_a_method_blocks_run():
   import optax  # pylint: disable=g-import-not-at-top
   import sparsejax as sj  # pylint: disable=g-import-not-at-top
   params = {"w": jnp.arange(64.0).reshape(8, 8) / 64}
-  for code in re.findall(r"```python\n(.*?)```", section, re.S):
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  # The drop-and-grow variant keeps 10% of 64 from init on; gradient pruning
+  # keeps all 64 until its first update, at step 50, then half.
+  expected = [{1: 6, 50: 6}, {1: 64, 49: 64, 50: 32}]
+  assert len(blocks) == len(expected)
+  for code, counts in zip(blocks, expected):
     scope = {"jax": jax, "jnp": jnp, "sj": sj}
     exec(compile(code, "README method", "exec"), scope)  # pylint: disable=exec-used
     method = scope["method"] if "method" in scope else scope["gradient_pruning"](0.5)
     tx = sj.sparsify(optax.sgd(0.1), method)
     state = tx.init(params)
-    for _ in range(3):
-      updates, state = jax.jit(tx.update)(params, state, params)
-    assert int(sj.get_masks(state)["w"].sum()) in (6, 32)
+    update = jax.jit(tx.update)
+    for step in range(1, 51):
+      _, state = update(params, state, params)
+      if step in counts:
+        assert int(sj.get_masks(state)["w"].sum()) == counts[step], (code[:40], step)
 
 
 def test_block_sparse_section_runs():
@@ -52,5 +59,5 @@ def test_block_sparse_section_runs():
   with jax.numpy_rank_promotion("allow"):
     exec(compile(code, "README block-sparse", "exec"), scope)  # pylint: disable=exec-used
   np.testing.assert_allclose(np.asarray(scope["y"]), 128.0)  # half of 256 ones
-  assert scope["layer"].block_mask is not None  # converted: the RigL-free kernel is all blocks
+  assert scope["layer"].layout is not None  # converted: the RigL-free kernel is all blocks
   assert scope["fly"](np.ones((2, 256), np.float32)).shape == (2, 256)

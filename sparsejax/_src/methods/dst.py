@@ -262,6 +262,6 @@ def granet(
   return drop_and_grow(schedule, drop_score=scores_lib.magnitude_score,
                        grow_score=scores_lib.gradient_score, key=key, end_step=end_step,
                        begin_step=begin_step, update_every=update_every,
-                       drop_fraction=schedules.drop_fraction_schedule(drop_fraction, 0.5, begin_step,
-                                                            end_step),
+                       drop_fraction=schedules.drop_fraction_schedule(
+                           drop_fraction, 0.5, begin_step, end_step),
                        distribution=distribution, granularity=granularity)
