@@ -316,3 +316,18 @@ def test_import_does_not_import_flax():
           "assert not [m for m in sys.modules if m.split('.')[0] == 'flax'], 'flax imported'; "
           "import sparsejax.nn; assert 'flax.nnx' in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_multisteps_around_sparsify():
+  tx = optax.MultiSteps(sj.sparsify(optax.adam(1e-2), sj.magnitude(
+      0.75, update_every=1, distribution="uniform")), 2)
+  params, state = train(tx, make_params(), 5)
+  masks = sj.get_masks(state)
+  assert kept(masks)[0] == 128
+  assert np.all(np.asarray(params["a"]["kernel"])[~np.asarray(masks["a"]["kernel"])] == 0)
+
+
+def test_forward_mode_through_masked_weight_is_documented():
+  assert "Reverse mode only" in sj.masked_weight.__doc__
+  w, mask = jnp.ones(4), jnp.array([True, False, True, False])
+  assert jax.jvp(lambda w: sj.apply_masks({"w": w}, {"w": mask})["w"], (w,), (w,))[1][1] == 0

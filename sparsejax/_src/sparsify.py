@@ -1,17 +1,12 @@
 """`sparsify`: any optax optimizer, trained sparse, with nothing else in the loop.
 
-The wrapper owns the masks. On every `update` it
-
-1. changes the masks when the method says so, under `lax.cond` on its own
-   step count (state shapes never change, so nothing recompiles);
-2. zeroes the inner optimizer's per-parameter state (momentum, Adam moments)
-   wherever an entry is inactive, using `optax.tree_utils.tree_map_params`,
-   so this works for any optax optimizer and a regrown entry starts from zero;
-3. feeds the inner optimizer gradients with the pruned entries zeroed;
-4. returns updates that take every pruned entry to exactly zero: ``-param``
-   where the mask is False, so ``optax.apply_updates`` lands on 0.0 exactly,
-   whatever the inner optimizer did (momentum, weight decay, ...). Only a
-   NaN or infinite weight cannot be zeroed by an update; `apply_masks` can.
+The wrapper owns the masks and the invariants: after every update pruned
+weights are exactly zero (``-param`` updates, so ``optax.apply_updates``
+lands on 0.0 whatever the inner optimizer did) and the inner optimizer's
+per-parameter state is exactly zero at inactive entries. Masks change after
+the optimizer step, under `lax.cond` on the wrapper's own count, so state
+shapes never change and nothing recompiles. Only a NaN or infinite weight
+cannot be zeroed by an update; `apply_masks` can.
 """
 
 from __future__ import annotations
@@ -43,13 +38,17 @@ class SparsityMethod(NamedTuple):
   over masks, params and grads together just works.
 
   Attributes:
-    init: ``init(params) -> (masks, state)``: the first masks (bool arrays of the
-      params' shapes) and the method's own state (any pytree, or None).
-    update: ``update(masks, state, params, grads, step) -> (masks, state)``: new
-      masks with the same shapes and dtypes, called under `lax.cond` only when
-      ``should_update(step)``. `grads` are the raw (unmasked) gradients.
-    should_update: ``should_update(step) -> bool``: whether `update` runs at this
-      step (the wrapper's count: 0 at the first `update` call).
+    init: ``init(params) -> (masks, state)``: the masks of step 0 (bool arrays
+      of the params' shapes) and the method's own state (any pytree, or None).
+    update: ``update(masks, state, params, grads, step) -> (masks, state)``:
+      the masks of `step`, with the same shapes and dtypes, called under
+      `lax.cond` only when ``should_update(step)``. It runs after the optimizer
+      step that precedes `step`: `params` are the params that step produced
+      (with `masks`, the masks of the previous step, applied) and `grads` the
+      raw (unmasked) gradients it used.
+    should_update: ``should_update(step) -> bool``: whether the masks change
+      for `step` (1 after the first `update` call). `sj.update_steps` is the
+      rule every built-in method uses.
     dense_params: False (the default) for methods that keep params exactly
       sparse: the wrapper zeroes pruned weights, their gradients and their
       optimizer state. True for straight-through methods (`n_m`): params stay
@@ -70,9 +69,9 @@ class SparsityMethod(NamedTuple):
         def update(masks, state, params, grads, step):
           scores = jax.tree.map(lambda g, m: jnp.where(m, jnp.abs(g), -jnp.inf),
                                 grads, masks)
-          return sj.topk_masks(scores, sparsity), state
+          return sj.masks_from_scores(scores, sparsity), state
 
-        return sj.SparsityMethod(init, update, lambda step: step % 50 == 0)
+        return sj.SparsityMethod(init, update, sj.update_steps(update_every=50))
   """
 
   init: Callable[[PyTree], tuple[PyTree, Any]]

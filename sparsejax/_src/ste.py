@@ -9,6 +9,11 @@ gradient and pruned entries ``grad_scale * g + decay * w``:
 - SR-STE: ``grad_scale=1, decay=lambda`` (Zhou et al. 2021);
 - decayed gradient flow: ``grad_scale`` (and ``decay``) scaled by a schedule
   that goes to 0 (Bambhaniya et al. 2024).
+
+Only reverse-mode autodiff (`jax.grad`, `jax.vjp`) goes through it: the
+backward pass with ``decay`` is not the transpose of a linear map, so no
+forward-mode rule exists, and `jax.jvp` / `jax.jacfwd` raise JAX's
+custom_vjp error. For forward mode, mask with ``apply_masks(..., ste=False)``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ def masked_weight(w: jax.Array, mask: jax.Array, grad_scale: jax.Array | float =
   Returns:
     ``where(mask, w, 0)``; gradient ``g`` for kept entries and
     ``grad_scale * g + decay * w`` for pruned ones. `mask`, `grad_scale` and
-    `decay` get no gradient.
+    `decay` get no gradient. Reverse mode only (see the module docstring).
 
   Example:
     >>> y = sj.masked_weight(w, mask, grad_scale=1.0, decay=2e-4)   # SR-STE
