@@ -70,6 +70,14 @@ def integer(name: str, value: Any, *, minimum: int | None = 1) -> None:
     raise ValueError(f"{name}={value!r} must be {expected}")
 
 
+def static_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+  """`value` a Python or NumPy integer (not a float, bool or array) >= `minimum`; returns it."""
+  if not is_int(value) or (minimum is not None and value < minimum):
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    raise ValueError(f"{name}={value!r} must be {expected}")
+  return int(value)
+
+
 def steps(*, begin_step: Any, end_step: Any, update_every: Any = 1) -> None:
   """Step arguments: integers >= 0 (update_every >= 1), ``begin_step <= end_step``."""
   integer("update_every", update_every)

@@ -240,7 +240,7 @@ def block_layout(mask: jax.Array, block_shape: tuple[int, ...]) -> jax.Array:
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
     raise ValueError(f"mask dtype {mask.dtype} must be bool (a mask from sj.get_masks or "
-                     "sj.topk_masks)")
+                     "sj.masks_from_scores)")
   tile = (1,) * (mask.ndim - len(block.block_shape)) + block.block_shape
   if len(tile) > mask.ndim or any(d % b for d, b in zip(mask.shape, tile)):
     raise ValueError(f"block_shape={block.block_shape} does not divide the mask of shape "

@@ -12,11 +12,6 @@ import numpy as np
 from sparsejax._src import _checks
 
 
-def _check_int(name: str, value) -> None:
-  if not _checks.is_int(value):
-    raise ValueError(f"{name}={value!r} must be an integer")
-
-
 def _grid(shape) -> tuple[int, int]:
   try:
     rows, cols = shape
@@ -44,7 +39,7 @@ def block_diagonal_layout(shape: tuple[int, int], num_blocks: int) -> np.ndarray
     >>> sj.matmul.block_diagonal_layout((8, 8), 4)  # four 2x2 groups of blocks
   """
   rows, cols = _grid(shape)
-  _check_int("num_blocks", num_blocks)
+  _checks.static_int("num_blocks", num_blocks)
   if num_blocks < 1 or rows % num_blocks or cols % num_blocks:
     raise ValueError(f"num_blocks={num_blocks} must divide both dims of shape={(rows, cols)}")
   return (np.arange(rows)[:, None] // (rows // num_blocks)
@@ -75,7 +70,7 @@ def monarch_layouts(shape: tuple[int, int], num_blocks: int) -> tuple[np.ndarray
     >>> l1, l2 = sj.matmul.monarch_layouts((16, 16), 4)
   """
   rows, cols = _grid(shape)
-  _check_int("num_blocks", num_blocks)
+  _checks.static_int("num_blocks", num_blocks)
   if num_blocks < 1 or rows % (num_blocks * num_blocks) or cols % num_blocks:
     raise ValueError(f"monarch_layouts needs row_blocks a multiple of num_blocks**2 and "
                      f"col_blocks a multiple of num_blocks; got shape={(rows, cols)}, "
@@ -115,7 +110,7 @@ def butterfly_layout(shape: tuple[int, int], max_stride: int | None = None) -> n
     raise ValueError(f"butterfly_layout needs the smaller of shape={(rows, cols)} a power of 2 "
                      "dividing the larger")
   if max_stride is not None:
-    _check_int("max_stride", max_stride)
+    _checks.static_int("max_stride", max_stride)
   max_stride = max(n // 2, 1) if max_stride is None else int(max_stride)
   if max_stride < 1 or max_stride & (max_stride - 1) or (n > 1 and max_stride >= n):
     raise ValueError(f"max_stride={max_stride} must be a power of 2 below {n}")
