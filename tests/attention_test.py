@@ -5,6 +5,8 @@ interpret mode (the *Interpret classes); on a GPU or TPU the parent classes
 run them compiled. Lowering checks export the kernels for CUDA and TPU.
 """
 
+import functools
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -43,10 +45,16 @@ def inputs(key, batch, t, heads, kv_heads, dim, dtype):
 
 
 def check(impl, q, k, v, cotangent, layout, interpret):
-  """Forward and gradients of `impl` against the float32 reference, under jit."""
+  """Forward and gradients of `impl` against the float32 reference, under jit.
+
+  `layout` is a `Layout`, or a function (q, k) -> `Layout` to build inside the
+  jit.
+  """
+  make = layout if callable(layout) else lambda q, k: layout
 
   def loss(impl, q, k, v):
-    out = sja.block_sparse_attention(q, k, v, layout, implementation=impl, interpret=interpret)
+    out = sja.block_sparse_attention(q, k, v, make(q, k), implementation=impl,
+                                     interpret=interpret)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
   grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
@@ -97,9 +105,9 @@ class TestXLA:
   def test_topk_layout(self):
     t, heads = 4 * self.BLOCK, 2
     q, k, v, ct = inputs(jax.random.key(2), 2, t, heads, 1, 32, jnp.float32)
-    layout = sja.topk_layout(q, k, block_q=self.BLOCK, block_kv=self.BLOCK, k_blocks=2,
-                             causal=True)
-    check(self.IMPLEMENTATION, q, k, v, ct, layout, self.INTERPRET)
+    route = lambda q, k: sja.topk_layout(q, k, block_q=self.BLOCK, block_kv=self.BLOCK,
+                                         k_blocks=2, causal=True)
+    check(self.IMPLEMENTATION, q, k, v, ct, route, self.INTERPRET)  # routed inside the jit
 
 
 class TestPallasTriton(TestXLA):
@@ -150,6 +158,19 @@ def test_random_layouts(implementation, block, blocks, heads, dim, dtype, densit
   check(implementation, q, k, v, ct, layout, True)
 
 
+def test_xla_layout_as_jit_argument():
+  """A traced layout pads the XLA path's pair lists to q_blocks * max_kv; values do not change."""
+  t, heads = 64, 2
+  layout = sja.make_layout(masks(t, heads)["causal_local"], num_heads=heads, block_q=16,
+                           block_kv=16)
+  assert int(layout.num_kv.sum()) < layout.kv_index.size  # so the padding is longer
+  q, k, v, _ = inputs(jax.random.key(5), 1, t, heads, heads, 16, jnp.float32)
+  attend = jax.jit(lambda q, k, v, lay: sja.block_sparse_attention(q, k, v, lay,
+                                                                   implementation="xla"))
+  want = sja.block_sparse_attention(q, k, v, layout, implementation="reference")
+  np.testing.assert_allclose(attend(q, k, v, layout), want, atol=2e-4, rtol=2e-4)
+
+
 def test_bad_input():
   t = 64
   layout = sja.make_layout(sja.CausalMask((t, t)), num_heads=2, block_q=16, block_kv=16)
@@ -162,11 +183,19 @@ def test_bad_input():
     sja.block_sparse_attention(q, jnp.zeros((1, t, 3, 16)), jnp.zeros((1, t, 3, 16)), layout)
   with pytest.raises(ValueError, match="must share one of float32"):
     sja.block_sparse_attention(q, q.astype(jnp.bfloat16), q, layout)
-  with pytest.raises(ValueError, match="the TPU kernel needs block_q a multiple of 128"):
+  with pytest.raises(ValueError, match="layout.block_q=16 must be a multiple of 128 for the TPU"):
     sja.block_sparse_attention(q, q, q, layout, implementation="pallas_tpu")
   small = sja.make_layout(sja.CausalMask((t, t)), num_heads=2, block_q=8, block_kv=8)
-  with pytest.raises(ValueError, match="the GPU kernel needs block_q a power of 2 >= 16"):
+  with pytest.raises(ValueError, match="layout.block_q=8 must be a power of 2 >= 16 for the GPU"):
     sja.block_sparse_attention(q, q, q, small, implementation="pallas_triton")
+  with pytest.raises(ValueError, match="num_warps=3 must be a power of 2 >= 1 or None"):
+    pallas_gpu.block_sparse_attention(q, q, q, layout, 0.1, pallas_gpu.BlockSizes(num_warps=3),
+                                      True)
+  wide = sja.make_layout(sja.CausalMask((128, 128)), num_heads=2, block_q=128, block_kv=128)
+  q = jnp.zeros((1, 128, 2, 16))
+  with pytest.raises(ValueError, match="vmem_limit_bytes=0 must be an integer >= 1 or None"):
+    pallas_tpu.block_sparse_attention(q, q, q, wide, 0.1, pallas_tpu.BlockSizes(vmem_limit_bytes=0),
+                                      True)
 
 
 def _export(fn, platform, *args):
@@ -175,20 +204,21 @@ def _export(fn, platform, *args):
   return exported.mlir_module()
 
 
-@pytest.mark.parametrize("platform, block, marker", [
-    ("cuda", 64, "__gpu$xla.gpu.triton"), ("tpu", 128, "tpu_custom_call")])
-def test_kernels_lower_for_gpu_and_tpu(platform, block, marker):
+@pytest.mark.parametrize("platform, block, marker, sizes, setting", [
+    ("cuda", 64, "__gpu$xla.gpu.triton", pallas_gpu.BlockSizes(num_warps=2, num_stages=3),
+     "num_warps = 2"),
+    ("tpu", 128, "tpu_custom_call", pallas_tpu.BlockSizes(vmem_limit_bytes=3 << 24), "50331648")])
+def test_kernels_lower_for_gpu_and_tpu(platform, block, marker, sizes, setting):
   t, heads = 4 * block, 4
   layout = sja.make_layout(sja.CausalMask((t, t)) & sja.LocalMask((t, t), (block + 7, 0)),
                            num_heads=heads, block_q=block, block_kv=block)
   q = jax.ShapeDtypeStruct((2, t, heads, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, t, 2, 128), jnp.bfloat16)
-  if platform == "cuda":
-    sizes = pallas_gpu.BlockSizes(block, block)
-    fwd = lambda q, k, v, lay: pallas_gpu.block_sparse_attention(q, k, v, lay, 0.1, sizes, False)
-  else:
-    fwd = lambda q, k, v, lay: pallas_tpu.block_sparse_attention(q, k, v, lay, 0.1, False)
-  assert _export(fwd, platform, q, kv, kv, layout).count(marker) == 1
+  kernel = pallas_gpu if platform == "cuda" else pallas_tpu
+  fwd = lambda q, k, v, lay, sizes=kernel.BlockSizes.get_default(): kernel.block_sparse_attention(
+      q, k, v, lay, 0.1, sizes, False)
+  module = _export(functools.partial(fwd, sizes=sizes), platform, q, kv, kv, layout)
+  assert module.count(marker) == 1 and setting in module  # the launch settings are read
   grad = jax.grad(lambda q, k, v, lay: fwd(q, k, v, lay).astype(jnp.float32).sum(),
                   argnums=(0, 1, 2))
   assert _export(grad, platform, q, kv, kv, layout).count(marker) == 3  # fwd, dq, dk/dv

@@ -11,6 +11,7 @@ from sparsejax._src.attention import layout as layout_lib
 from sparsejax._src.attention import pallas_gpu
 from sparsejax._src.attention import pallas_tpu
 from sparsejax._src.attention import reference
+from sparsejax._src.attention import xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -103,8 +104,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
   if implementation == "reference":
     return reference.attention_reference(q, k, v, layout, sm_scale)
   if implementation == "xla":
-    return reference.attention_xla(q, k, v, layout, sm_scale)
-  if implementation == "pallas_tpu":
-    return pallas_tpu.block_sparse_attention(q, k, v, layout, sm_scale, bool(interpret))
-  sizes = pallas_gpu.BlockSizes(layout.block_q, layout.block_kv)
-  return pallas_gpu.block_sparse_attention(q, k, v, layout, sm_scale, sizes, bool(interpret))
+    return xla.attention_xla(q, k, v, layout, sm_scale)
+  kernel = pallas_tpu if implementation == "pallas_tpu" else pallas_gpu
+  return kernel.block_sparse_attention(q, k, v, layout, sm_scale, kernel.BlockSizes.get_default(),
+                                       bool(interpret))

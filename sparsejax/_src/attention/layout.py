@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._src import _checks
 from sparsejax._src.attention import masks as masks_lib
 
 
@@ -39,11 +40,6 @@ class Layout(NamedTuple):
     partial: bool[num_partial, block_q, block_kv]: distinct partial blocks
       (one all-True block when there are none).
     head_row: int32[batch or 1, heads]: the row of each (batch, head).
-    num_pairs: int32[rows]: active (query block, key block) pairs.
-    pair_q: int32[rows, max_pairs]: the query block of each pair, pairs in
-      row-major order (so grouped by query block) and padded like the lists.
-    pair_kv: int32[rows, max_pairs]: the key block of each pair.
-    pair_partial: int32[rows, max_pairs]: its element-mask index, -1 if full.
   """
 
   num_kv: jax.Array
@@ -54,10 +50,6 @@ class Layout(NamedTuple):
   q_partial: jax.Array
   partial: jax.Array
   head_row: jax.Array
-  num_pairs: jax.Array
-  pair_q: jax.Array
-  pair_kv: jax.Array
-  pair_partial: jax.Array
 
   @property
   def block_q(self) -> int:
@@ -85,8 +77,18 @@ class Layout(NamedTuple):
     return jnp.mean(rows) / self.num_q.shape[1]
 
 
-def _lists(active: jax.Array, partial_index: jax.Array, size: int):
-  """Ascending indices of active entries along the last axis, padded to `size`."""
+def active_lists(active: jax.Array, partial_index: jax.Array, size: int):
+  """Ascending indices of the active entries along the last axis (traceable).
+
+  Args:
+    active: bool[..., n].
+    partial_index: int32[..., n]: a value per entry, kept where active.
+    size: list length (static), at least the largest count.
+
+  Returns:
+    (count int32[...], index int32[..., size], partial int32[..., size]):
+    lists padded by repeating their last index, with partial -1 in padding.
+  """
   count = jnp.sum(active, axis=-1, dtype=jnp.int32)
   order = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
   slot = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), count.shape + (size,))
@@ -98,7 +100,7 @@ def _lists(active: jax.Array, partial_index: jax.Array, size: int):
 
 
 def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
-                head_row: jax.Array, max_kv: int, max_q: int, max_pairs: int) -> Layout:
+                head_row: jax.Array, max_kv: int, max_q: int) -> Layout:
   """A `Layout` from block tables (traceable).
 
   Args:
@@ -107,17 +109,13 @@ def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
       block in `partial`, -1 where fully visible (ignored where inactive).
     partial: bool[num_partial, block_q, block_kv].
     head_row: int32[batch or 1, heads].
-    max_kv, max_q, max_pairs: list lengths (static), at least the largest counts.
+    max_kv, max_q: list lengths (static), at least the largest counts.
   """
-  num_kv, kv_index, kv_partial = _lists(active, partial_index, max_kv)
-  num_q, q_index, q_partial = _lists(jnp.swapaxes(active, 1, 2),
-                                     jnp.swapaxes(partial_index, 1, 2), max_q)
-  rows, nq, nk = active.shape
-  num_pairs, flat, pair_partial = _lists(active.reshape(rows, nq * nk),
-                                         partial_index.reshape(rows, nq * nk), max_pairs)
+  num_kv, kv_index, kv_partial = active_lists(active, partial_index, max_kv)
+  num_q, q_index, q_partial = active_lists(jnp.swapaxes(active, 1, 2),
+                                           jnp.swapaxes(partial_index, 1, 2), max_q)
   return Layout(num_kv, kv_index, kv_partial, num_q, q_index, q_partial,
-                jnp.asarray(partial, jnp.bool_), jnp.asarray(head_row, jnp.int32),
-                num_pairs, flat // nk, flat % nk, pair_partial)
+                jnp.asarray(partial, jnp.bool_), jnp.asarray(head_row, jnp.int32))
 
 
 def _mask_blocks(mask: masks_lib.Mask, block_q: int, block_kv: int):
@@ -159,14 +157,13 @@ def _cached_layout(head_masks: tuple[masks_lib.Mask, ...], block_q: int, block_k
   partial = np.stack(patterns) if patterns else np.ones((1, block_q, block_kv), bool)
   max_kv = max(int(active.sum(-1).max()), 1)
   max_q = max(int(active.sum(-2).max()), 1)
-  max_pairs = max(int(active.sum((1, 2)).max()), 1)
   with jax.ensure_compile_time_eval():
     return from_blocks(jnp.asarray(active), jnp.asarray(pidx), jnp.asarray(partial),
-                       jnp.asarray(head_row), max_kv, max_q, max_pairs)
+                       jnp.asarray(head_row), max_kv, max_q)
 
 
 def _check_positive_int(name: str, value) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+  if not _checks.is_int(value) or value < 1:
     raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
@@ -279,4 +276,4 @@ def topk_layout(q: jax.Array, k: jax.Array, *, block_q: int, block_kv: int, k_bl
     pidx = jnp.full(active.shape, -1, jnp.int32)
     partial = np.ones((1, block_q, block_kv), bool)
   head_row = jnp.arange(batch * heads, dtype=jnp.int32).reshape(batch, heads)
-  return from_blocks(active, pidx, jnp.asarray(partial), head_row, k_blocks, nq, nq * k_blocks)
+  return from_blocks(active, pidx, jnp.asarray(partial), head_row, k_blocks, nq)

@@ -19,13 +19,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 import numpy as np
 
+from sparsejax._src import _checks
+from sparsejax._src import pallas_common
+from sparsejax._src.attention import block_lists
 from sparsejax._src.attention import layout as layout_lib
-from sparsejax._src.attention import reference
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 def _dot(a, b, dims):
@@ -34,26 +33,19 @@ def _dot(a, b, dims):
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes and launch settings of the GPU kernels.
-
-  The query and key block sizes are those of the layout; the launch settings
-  go to the Triton backend.
+  """Launch settings of the GPU kernels (the tiles are the layout's blocks).
 
   Attributes:
-    block_q: query rows per program (the layout's block_q).
-    block_kv: key rows per step (the layout's block_kv).
     num_warps: warps per program (None: 4 for head_dim <= 64, else 8).
     num_stages: software pipelining stages.
   """
 
-  block_q: int
-  block_kv: int
   num_warps: int | None = None
   num_stages: int = 2
 
   @classmethod
   def get_default(cls) -> BlockSizes:
-    return cls(block_q=128, block_kv=128)
+    return cls()
 
 
 def _compiler_params(head_dim: int, block_sizes: BlockSizes):
@@ -63,29 +55,28 @@ def _compiler_params(head_dim: int, block_sizes: BlockSizes):
   return pl_triton.CompilerParams(num_warps=warps, num_stages=block_sizes.num_stages)
 
 
-def _validate_args(q, k, v, layout: layout_lib.Layout):
-  batch, q_len, heads, dim = q.shape
-  if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
-    raise ValueError(f"k and v must be [batch, kv_len, kv_heads, {dim}] like q, got "
-                     f"{k.shape=} and {v.shape=} for {q.shape=}")
+def _validate_args(layout: layout_lib.Layout, block_sizes: BlockSizes):
+  """The kernels' own constraints; the public API has checked q, k, v and the layout."""
   for name, size in [("block_q", layout.block_q), ("block_kv", layout.block_kv)]:
     if size < 16 or size & (size - 1):
-      raise ValueError(f"the GPU kernel needs {name} a power of 2 >= 16, got {size}")
+      raise ValueError(f"layout.{name}={size} must be a power of 2 >= 16 for the GPU kernel; "
+                       f"make the layout with {name}=16, 32, 64 or 128")
+  warps, stages = block_sizes.num_warps, block_sizes.num_stages
+  if warps is not None and (not _checks.is_int(warps) or warps < 1 or warps & (warps - 1)):
+    raise ValueError(f"num_warps={warps!r} must be a power of 2 >= 1 or None")
+  if not _checks.is_int(stages) or stages < 1:
+    raise ValueError(f"num_stages={stages!r} must be an integer >= 1")
 
 
 def _next_pow2(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _meta(layout: layout_lib.Layout, batch: int, forward: bool) -> tuple[jax.Array, int]:
+def _meta(layout: layout_lib.Layout, batch: int, transposed: bool) -> tuple[jax.Array, int]:
   """Per (batch, head, block): [count, index..., partial...] padded to a power of 2."""
-  rows = reference._rows(layout, batch)  # pylint: disable=protected-access
-  if forward:
-    count, index, part = layout.num_kv, layout.kv_index, layout.kv_partial
-  else:
-    count, index, part = layout.num_q, layout.q_index, layout.q_partial
+  count, index, part = block_lists.for_heads(layout, batch, transposed=transposed)
   size = index.shape[-1]
-  meta = jnp.concatenate([count[..., None], index, part], axis=-1)[rows]  # [b, h, n, 1+2s]
+  meta = jnp.concatenate([count[..., None], index, part], axis=-1)  # [b, h, n, 1 + 2 size]
   width = _next_pow2(meta.shape[-1])
   meta = jnp.pad(meta, [(0, 0)] * 3 + [(0, width - meta.shape[-1])])
   return meta, size
@@ -111,13 +102,13 @@ def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     visible = _visible(partial_ref, meta_ref[1 + size + j])
     k = k_ref[pl.ds(kv * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv * block_kv, block_kv), :]
-    s = _dot(q, k, _NT) * sm_scale
+    s = _dot(q, k, pallas_common.NT) * sm_scale
     s = jnp.where(visible, s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
     correction = jnp.exp(m - m_new)
     l = correction * l + jnp.sum(p, axis=1)
-    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, pallas_common.NN)
     return acc, m_new, l
 
   init = (jnp.zeros((block_q, dim), jnp.float32), jnp.full((block_q,), _NEG, jnp.float32),
@@ -138,11 +129,11 @@ def _dq_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     visible = _visible(partial_ref, meta_ref[1 + size + j])
     k = k_ref[pl.ds(kv * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv * block_kv, block_kv), :]
-    s = _dot(q, k, _NT) * sm_scale
+    s = _dot(q, k, pallas_common.NT) * sm_scale
     p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
-    dp = _dot(do, v, _NT)
+    dp = _dot(do, v, pallas_common.NT)
     ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k, _NN)
+    return dq + _dot(ds.astype(k.dtype), k, pallas_common.NN)
 
   dq = lax.fori_loop(0, meta_ref[0], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
@@ -159,12 +150,12 @@ def _dkv_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
     rows = pl.ds(qb * block_q, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, delta = lse_ref[rows], delta_ref[rows]
-    s = _dot(q, k, _NT) * sm_scale
+    s = _dot(q, k, pallas_common.NT) * sm_scale
     p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
-    dv = dv + _dot(p.astype(do.dtype), do, _TN)
-    dp = _dot(do, v, _NT)
+    dv = dv + _dot(p.astype(do.dtype), do, pallas_common.TN)
+    dp = _dot(do, v, pallas_common.NT)
     ds = p * (dp - delta[:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+    dk = dk + _dot(ds.astype(q.dtype), q, pallas_common.TN)
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -181,7 +172,7 @@ def _forward(q, k, v, layout, sm_scale, block_sizes, interpret):
   batch, q_len, heads, dim = q.shape
   kv_len, group = k.shape[1], heads // k.shape[2]
   bq, bkv = layout.block_q, layout.block_kv
-  meta, size = _meta(layout, batch, forward=True)
+  meta, size = _meta(layout, batch, transposed=False)
   partial = _partial_table(layout)
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, sm_scale=sm_scale, block_kv=bkv, size=size),
@@ -213,7 +204,7 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
   partial = _partial_table(layout)
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   params = None if interpret else _compiler_params(dim, block_sizes)
-  meta, size = _meta(layout, batch, forward=True)
+  meta, size = _meta(layout, batch, transposed=False)
   kv_spec = pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0))
   row_spec = pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0))
   stat_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
@@ -227,7 +218,7 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dq",
   )(meta, partial, q, k, v, do, lse, delta)
-  meta_t, size_t = _meta(layout, batch, forward=False)
+  meta_t, size_t = _meta(layout, batch, transposed=True)
   seq_spec = pl.BlockSpec((None, q_len, None, dim), lambda i, b, h: (b, 0, h, 0))
   seq_stat = pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))
   kv_block = pl.BlockSpec((None, bkv, None, dim), lambda i, b, h: (b, i, h // group, 0))
@@ -258,7 +249,7 @@ def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret):
     k, v: [batch, kv_len, kv_heads, head_dim]
     layout: a `Layout` (`make_layout` or `topk_layout`).
     sm_scale: softmax scale.
-    block_sizes: `BlockSizes` launch settings (block sizes from the layout).
+    block_sizes: `BlockSizes` launch settings (the tiles are the layout's blocks).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -268,7 +259,7 @@ def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret):
 
 
 def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
-  _validate_args(q, k, v, layout)
+  _validate_args(layout, block_sizes)
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
   qp, kp, vp = (_pad_dim(x, padded) for x in (q, k, v))
@@ -286,9 +277,4 @@ def _bwd(sm_scale, block_sizes, interpret, residuals, do):
 
 
 block_sparse_attention.defvjp(_fwd, _bwd)
-
-
-def block_sparse_attention_reference(q, k, v, layout, sm_scale):
-  """The jnp oracle the kernels are tested against."""
-  return reference.attention_reference(q, k, v, layout, sm_scale)
 

@@ -20,57 +20,58 @@ from jax import lax
 from jax.experimental import pallas as pl
 import numpy as np
 
+from sparsejax._src import _checks
+from sparsejax._src import pallas_common
+from sparsejax._src.attention import block_lists
 from sparsejax._src.attention import layout as layout_lib
-from sparsejax._src.attention import reference
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 _LANES = 128
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def _dot(a, b, dims):
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes of the TPU kernels: the layout's, multiples of 128.
+  """Launch settings of the TPU kernels (the tiles are the layout's blocks).
 
   Attributes:
-    block_q: query rows per tile (the layout's block_q).
-    block_kv: key rows per tile (the layout's block_kv).
+    vmem_limit_bytes: Mosaic's scoped VMEM limit (None: the compiler's
+      default); raise it for large blocks or head_dim.
   """
 
-  block_q: int
-  block_kv: int
+  vmem_limit_bytes: int | None = None
 
   @classmethod
   def get_default(cls) -> BlockSizes:
-    return cls(block_q=128, block_kv=128)
+    return cls()
 
 
-def _compiler_params():
+def _compiler_params(block_sizes: BlockSizes):
   """The backend choice, in one place: Mosaic TPU."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   return pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=block_sizes.vmem_limit_bytes)
 
 
-def _validate_args(q, k, v, layout: layout_lib.Layout):
-  if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-    raise ValueError(f"k and v must be [batch, kv_len, kv_heads, head_dim] like q, got "
-                     f"{k.shape=} and {v.shape=} for {q.shape=}")
+def _validate_args(layout: layout_lib.Layout, block_sizes: BlockSizes):
+  """The kernels' own constraints; the public API has checked q, k, v and the layout."""
   for name, size in [("block_q", layout.block_q), ("block_kv", layout.block_kv)]:
     if size % _LANES:
-      raise ValueError(f"the TPU kernel needs {name} a multiple of {_LANES}, got {size}")
+      raise ValueError(f"layout.{name}={size} must be a multiple of {_LANES} for the TPU "
+                       f"kernel; make the layout with {name}=128 or a multiple")
+  limit = block_sizes.vmem_limit_bytes
+  if limit is not None and (not _checks.is_int(limit) or limit < 1):
+    raise ValueError(f"vmem_limit_bytes={limit!r} must be an integer >= 1 or None")
 
 
-def _flat_meta(layout: layout_lib.Layout, batch: int, forward: bool):
+def _flat_meta(layout: layout_lib.Layout, batch: int, transposed: bool):
   """Flattened per-(batch, head, block) counts, indices and partial indices for SMEM."""
-  rows = reference._rows(layout, batch)  # pylint: disable=protected-access
-  if forward:
-    count, index, part = layout.num_kv, layout.kv_index, layout.kv_partial
-  else:
-    count, index, part = layout.num_q, layout.q_index, layout.q_partial
-  return (count[rows].reshape(-1), index[rows].reshape(-1), part[rows].reshape(-1),
-          index.shape[-1])
+  count, index, part = block_lists.for_heads(layout, batch, transposed=transposed)
+  return count.reshape(-1), index.reshape(-1), part.reshape(-1), index.shape[-1]
 
 
 def _heads_major(x):
@@ -95,7 +96,7 @@ def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, o_r
   @pl.when(j < num_ref[row])
   def _step():
     visible = _visible(partial_ref, pid_ref[row * slots + j])
-    s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)
+    s = _dot(q_ref[...], k_ref[...], pallas_common.NT)
     s = jnp.where(visible, s * sm_scale, _NEG)
     m_prev = m_scratch[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, lanes]
@@ -103,8 +104,7 @@ def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, o_r
     alpha = jnp.exp(m_prev - m_next)
     l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
     m_scratch[...] = m_next
-    pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
+    pv = _dot(p.astype(v_ref.dtype), v_ref[...], pallas_common.NN)
     acc_scratch[...] = alpha[:, :1] * acc_scratch[...] + pv
 
   @pl.when(j == slots - 1)
@@ -129,13 +129,12 @@ def _dq_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   def _step():
     visible = _visible(partial_ref, pid_ref[row * slots + j])
     k = k_ref[...]
-    s = lax.dot_general(q_ref[...], k, _NT, preferred_element_type=jnp.float32) * sm_scale
+    s = _dot(q_ref[...], k, pallas_common.NT) * sm_scale
     lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
     p = jnp.where(visible, jnp.exp(s - lse), 0.0)
-    dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
+    dp = _dot(do_ref[...], v_ref[...], pallas_common.NT)
     ds = p * (dp - delta)
-    dq_scratch[...] += lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+    dq_scratch[...] += _dot(ds.astype(k.dtype), k, pallas_common.NN)
 
   @pl.when(j == slots - 1)
   def _finish():
@@ -157,15 +156,13 @@ def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   def _step():
     visible = _visible(partial_ref, pid_ref[row * slots + j])
     q, do = q_ref[...], do_ref[...]
-    s = lax.dot_general(q, k_ref[...], _NT, preferred_element_type=jnp.float32) * sm_scale
+    s = _dot(q, k_ref[...], pallas_common.NT) * sm_scale
     lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
     p = jnp.where(visible, jnp.exp(s - lse), 0.0)
-    dv_scratch[...] += lax.dot_general(p.astype(do.dtype), do, _TN,
-                                       preferred_element_type=jnp.float32)
-    dp = lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
+    dv_scratch[...] += _dot(p.astype(do.dtype), do, pallas_common.TN)
+    dp = _dot(do, v_ref[...], pallas_common.NT)
     ds = p * (dp - delta)
-    dk_scratch[...] += lax.dot_general(ds.astype(q.dtype), q, _TN,
-                                       preferred_element_type=jnp.float32)
+    dk_scratch[...] += _dot(ds.astype(q.dtype), q, pallas_common.TN)
 
   @pl.when(j == slots - 1)
   def _finish():
@@ -173,13 +170,13 @@ def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _forward(q, k, v, layout, sm_scale, interpret):
+def _forward(q, k, v, layout, sm_scale, block_sizes, interpret):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   batch, heads, q_len, dim = q.shape
   group = heads // k.shape[1]
   bq, bkv = layout.block_q, layout.block_kv
   nq = q_len // bq
-  num, idx, pid, slots = _flat_meta(layout, batch, forward=True)
+  num, idx, pid, slots = _flat_meta(layout, batch, transposed=False)
   flat = lambda b, h, i, j: ((b * heads + h) * nq + i) * slots + j
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
@@ -205,14 +202,14 @@ def _forward(q, k, v, layout, sm_scale, interpret):
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len, _LANES), jnp.float32)],
-      compiler_params=None if interpret else _compiler_params(),
+      compiler_params=None if interpret else _compiler_params(block_sizes),
       interpret=interpret,
       name="block_sparse_attention_fwd_tpu",
   )(num, idx, pid, q, k, v, layout.partial.astype(jnp.int32))
   return out, lse[..., 0]
 
 
-def _backward(q, k, v, out, lse, do, layout, sm_scale, interpret):
+def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   batch, heads, q_len, dim = q.shape
   kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -222,9 +219,9 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, interpret):
   delta = jnp.einsum("bhtd,bhtd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]  # [b, h, 1, t]
   partial = layout.partial.astype(jnp.int32)
-  params = None if interpret else _compiler_params()
+  params = None if interpret else _compiler_params(block_sizes)
 
-  num, idx, pid, slots = _flat_meta(layout, batch, forward=True)
+  num, idx, pid, slots = _flat_meta(layout, batch, transposed=False)
   flat = lambda b, h, i, j: ((b * heads + h) * nq + i) * slots + j
   at_q = lambda b, h, i, j, n, x, p: (b, h, i, 0)
   at_kv = lambda b, h, i, j, n, x, p: (b, lax.div(h, group), x[flat(b, h, i, j)], 0)
@@ -247,7 +244,7 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, interpret):
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dq_tpu",
   )(num, idx, pid, q, k, v, do, lse_rows, delta_rows, partial)
 
-  num_t, idx_t, pid_t, slots_t = _flat_meta(layout, batch, forward=False)
+  num_t, idx_t, pid_t, slots_t = _flat_meta(layout, batch, transposed=True)
   flat_t = lambda b, h, i, j: ((b * heads + h) * nk + i) * slots_t + j
   at_k = lambda b, h, i, j, n, x, p: (b, lax.div(h, group), i, 0)
   at_qt = lambda b, h, i, j, n, x, p: (b, h, x[flat_t(b, h, i, j)], 0)
@@ -276,9 +273,9 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, interpret):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret"))
-def block_sparse_attention(q, k, v, layout, sm_scale, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
+def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret):
   """Block-sparse attention with Pallas TPU kernels.
 
   Args:
@@ -286,32 +283,28 @@ def block_sparse_attention(q, k, v, layout, sm_scale, interpret):
     k, v: [batch, kv_len, kv_heads, head_dim]
     layout: a `Layout` with block sizes that are multiples of 128.
     sm_scale: softmax scale.
+    block_sizes: `BlockSizes` launch settings (the tiles are the layout's blocks).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
 
   Returns:
     [batch, q_len, heads, head_dim]
   """
-  return _fwd(q, k, v, layout, sm_scale, interpret)[0]
+  return _fwd(q, k, v, layout, sm_scale, block_sizes, interpret)[0]
 
 
-def _fwd(q, k, v, layout, sm_scale, interpret):
-  _validate_args(q, k, v, layout)
+def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
+  _validate_args(layout, block_sizes)
   out, lse = _forward(_heads_major(q), _heads_major(k), _heads_major(v), layout, sm_scale,
-                      interpret)
+                      block_sizes, interpret)
   out = _heads_major(out)
   return out, (q, k, v, layout, out, lse)
 
 
-def _bwd(sm_scale, interpret, residuals, do):
+def _bwd(sm_scale, block_sizes, interpret, residuals, do):
   q, k, v, layout, out, lse = residuals
   dq, dk, dv = _backward(*(_heads_major(x) for x in (q, k, v, out)), lse, _heads_major(do),
-                         layout, sm_scale, interpret)
+                         layout, sm_scale, block_sizes, interpret)
   return _heads_major(dq), _heads_major(dk), _heads_major(dv), None
 
 
 block_sparse_attention.defvjp(_fwd, _bwd)
-
-
-def block_sparse_attention_reference(q, k, v, layout, sm_scale):
-  """The jnp oracle the kernels are tested against."""
-  return reference.attention_reference(q, k, v, layout, sm_scale)
