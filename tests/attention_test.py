@@ -94,6 +94,24 @@ class TestXLA:
       np.testing.assert_array_equal(np.asarray(out[:, : t // 3]), 0.0)
       assert bool(jnp.all(jnp.isfinite(out)))
 
+  @pytest.mark.parametrize("routed", [False, True])
+  def test_empty_batch(self, routed):
+    t, heads = 4 * self.BLOCK, 2
+    q, k, v, ct = inputs(jax.random.key(4), 0, t, heads, 1, 32, jnp.bfloat16)
+    fixed = self.layout(masks(t, heads)["causal_local"], heads)
+    route = lambda q, k: sja.topk_layout(q, k, block_q=self.BLOCK, block_kv=self.BLOCK,
+                                         k_blocks=2)
+
+    def loss(q, k, v):
+      layout = route(q, k) if routed else fixed
+      out = sja.block_sparse_attention(q, k, v, layout, implementation=self.IMPLEMENTATION,
+                                       interpret=self.INTERPRET)
+      return jnp.sum(out.astype(jnp.float32) * ct), out
+
+    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    for got, want in [(out, q), *zip(grads, (q, k, v))]:
+      assert got.shape == want.shape and got.dtype == want.dtype
+
   @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
   @pytest.mark.parametrize("kv_heads", [2, 1])
   def test_gqa_mqa_and_half_precision(self, dtype, kv_heads):

@@ -76,7 +76,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype. A query row with no visible
-    key gets 0 (never NaN). Differentiable in q, k and v.
+    key gets 0 (never NaN), and an empty batch an empty result. Differentiable in
+    q, k and v.
 
   Example:
     >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(256, 0))

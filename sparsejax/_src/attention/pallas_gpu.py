@@ -260,6 +260,8 @@ def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret):
 
 def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
   _validate_args(layout, block_sizes)
+  if q.shape[0] == 0:  # an empty batch launches no programs
+    return jnp.zeros_like(q), (q, k, v, layout, None, None)
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
   qp, kp, vp = (_pad_dim(x, padded) for x in (q, k, v))
@@ -269,6 +271,8 @@ def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
 
 def _bwd(sm_scale, block_sizes, interpret, residuals, do):
   q, k, v, layout, out, lse = residuals
+  if q.shape[0] == 0:
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
   qp, kp, vp, op, dop = (_pad_dim(x, padded) for x in (q, k, v, out, do))

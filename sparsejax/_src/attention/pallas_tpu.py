@@ -294,6 +294,8 @@ def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret):
 
 def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
   _validate_args(layout, block_sizes)
+  if q.shape[0] == 0:  # an empty batch launches no programs
+    return jnp.zeros_like(q), (q, k, v, layout, None, None)
   out, lse = _forward(_heads_major(q), _heads_major(k), _heads_major(v), layout, sm_scale,
                       block_sizes, interpret)
   out = _heads_major(out)
@@ -302,6 +304,8 @@ def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
 
 def _bwd(sm_scale, block_sizes, interpret, residuals, do):
   q, k, v, layout, out, lse = residuals
+  if q.shape[0] == 0:
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
   dq, dk, dv = _backward(*(_heads_major(x) for x in (q, k, v, out)), lse, _heads_major(do),
                          layout, sm_scale, block_sizes, interpret)
   return _heads_major(dq), _heads_major(dk), _heads_major(dv), None

@@ -60,6 +60,8 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.L
     [batch, q_len, heads, head_dim] in q's dtype; 0 in rows with no visible key.
   """
   batch, q_len, heads, dim = q.shape
+  if batch == 0:
+    return jnp.zeros(q.shape, q.dtype)
   kv_heads = k.shape[2]
   group = heads // kv_heads
   bq, bkv = layout.block_q, layout.block_kv
