@@ -208,6 +208,26 @@ def test_xla_layout_as_jit_argument():
   np.testing.assert_allclose(attend(q, k, v, layout), want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
+def test_forward_mode(implementation):
+  """jax.jvp works through the XLA path; the Pallas kernels are reverse mode only (documented)."""
+  t, heads = 32, 2
+  layout = sja.make_layout(masks(t, heads)["causal_local"], num_heads=heads, block_q=16,
+                           block_kv=16)
+  q, k, v, _ = inputs(jax.random.key(6), 1, t, heads, heads, 16, jnp.float32)
+  tangents = inputs(jax.random.key(7), 1, t, heads, heads, 16, jnp.float32)[:3]
+  attend = lambda impl: lambda q, k, v: sja.block_sparse_attention(
+      q, k, v, layout, implementation=impl, interpret=True)
+  if implementation != "xla":
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+      jax.jvp(attend(implementation), (q, k, v), tangents)
+    return
+  _, got = jax.jvp(attend("xla"), (q, k, v), tangents)
+  _, want = jax.jvp(attend("reference"), (q, k, v), tangents)
+  assert float(jnp.abs(want).max()) > 0.1
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
 def test_bad_input():
   t = 64
   layout = sja.make_layout(sja.CausalMask((t, t)), num_heads=2, block_q=16, block_kv=16)

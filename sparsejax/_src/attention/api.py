@@ -76,8 +76,16 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype. A query row with no visible
-    key gets 0 (never NaN), and an empty batch an empty result. Differentiable in
-    q, k and v.
+    key gets 0 (never NaN), and an empty batch an empty result.
+
+  Differentiable in q, k and v in reverse mode (`jax.grad`, `jax.vjp`) with
+  every implementation. Forward mode (`jax.jvp`, `jax.jacfwd`) works with
+  "reference" and "xla" only: the Pallas implementations are `jax.custom_vjp`
+  functions whose backward pass is hand-written dQ and dK/dV kernels, JAX
+  cannot push tangents through a custom VJP, and a forward-mode rule would
+  need a kernel of its own. They raise JAX's ``TypeError: can't apply
+  forward-mode autodiff (jvp) to a custom_vjp function``; pass
+  ``implementation="xla"`` for forward mode.
 
   Example:
     >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(256, 0))

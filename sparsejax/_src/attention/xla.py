@@ -4,7 +4,7 @@ Each pair's scores are one small matmul; the softmax runs across the pairs of
 a query block with segment reductions, so the work follows the number of
 active pairs, not the longest row. (batch, head) pairs run one after another
 (`lax.map`), which keeps each one's blocks in cache on CPU. Runs anywhere XLA
-does and is differentiated by JAX.
+does and is differentiated by JAX (reverse and forward mode).
 
 The pair lists are derived from the layout's lists of key blocks per query
 block on each call: for a layout that is a constant of the jit (`make_layout`'s,
