@@ -162,11 +162,6 @@ def _cached_layout(head_masks: tuple[masks_lib.Mask, ...], block_q: int, block_k
                        jnp.asarray(head_row), max_kv, max_q)
 
 
-def _check_positive_int(name: str, value) -> None:
-  if not _checks.is_int(value) or value < 1:
-    raise ValueError(f"{name}={value!r} must be an integer >= 1")
-
-
 def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: int,
                 block_q: int = 128, block_kv: int = 128) -> Layout:
   """The block-sparse layout of `mask` for `num_heads` heads (host-side, cached).
@@ -184,7 +179,7 @@ def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: in
     >>> layout = sja.make_layout(mask, num_heads=H, block_q=128, block_kv=128)
   """
   for name, value in [("num_heads", num_heads), ("block_q", block_q), ("block_kv", block_kv)]:
-    _check_positive_int(name, value)
+    _checks.static_int(name, value, minimum=1)
   head_masks = masks_lib.as_head_masks(mask, num_heads)
   q_len, kv_len = head_masks[0].shape
   if q_len % block_q:
@@ -241,7 +236,7 @@ def topk_layout(q: jax.Array, k: jax.Array, *, block_q: int, block_kv: int, k_bl
     raise ValueError(f"k must be [{q.shape[0]}, kv_len, kv_heads, {q.shape[3]}] to match q, "
                      f"got {k.shape=}")
   for name, value in [("block_q", block_q), ("block_kv", block_kv), ("k_blocks", k_blocks)]:
-    _check_positive_int(name, value)
+    _checks.static_int(name, value, minimum=1)
   batch, q_len, heads, dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   if kv_heads < 1:

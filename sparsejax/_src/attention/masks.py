@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from sparsejax._src import _checks
+
 
 def _xp(*arrays):
   """NumPy for NumPy inputs, jax.numpy for anything traced or on device."""
@@ -25,16 +27,10 @@ def _xp(*arrays):
   return np
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _check_ints(owner, **values):
   """Raises ValueError unless each value is an integer >= its minimum (None: any integer)."""
   for name, (value, minimum) in values.items():
-    if not _is_int(value) or (minimum is not None and value < minimum):
-      bound = "" if minimum is None else f" >= {minimum}"
-      raise ValueError(f"{owner}: {name}={value!r} must be an integer{bound}")
+    _checks.static_int(f"{owner}: {name}", value, minimum=minimum)
 
 
 def _check_shape(shape):
@@ -322,7 +318,7 @@ class VerticalSlashMask(_TableMask):
     _check_shape(self.shape)
     for name, values, length in [("vertical", self.vertical, self.shape[1]),
                                  ("slash", self.slash, None)]:
-      bad = [v for v in values if not _is_int(v) or v < 0 or (length is not None and v >= length)]
+      bad = [v for v in values if not _checks.is_int(v) or v < 0 or (length is not None and v >= length)]
       if bad:
         allowed = f"key indices in [0, {length})" if length else "diagonal offsets >= 0"
         raise ValueError(f"VerticalSlashMask: {name}={tuple(values)!r} must hold {allowed}, "
