@@ -78,6 +78,13 @@ def static_int(name: str, value: Any, *, minimum: int | None = None) -> int:
   return int(value)
 
 
+def static_float(name: str, value: Any) -> None:
+  """`value` a Python or NumPy number (it shapes the computation), not an array or a bool."""
+  if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+    raise ValueError(f"{name} must be a Python float (it shapes the computation), "
+                     f"got {value!r}")
+
+
 def steps(*, begin_step: Any, end_step: Any, update_every: Any = 1) -> None:
   """Step arguments: integers >= 0 (update_every >= 1), ``begin_step <= end_step``."""
   integer("update_every", update_every)

@@ -45,12 +45,6 @@ def _kept(density: jax.Array, size: int) -> jax.Array:
   return jnp.where(density >= 1.0, size, jnp.minimum(kept, size))
 
 
-def _check_static(name: str, value: Any) -> None:
-  if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
-    raise ValueError(f"{name} must be a Python float (it shapes the computation), "
-                     f"got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Distribution:
   overrides: Mapping[str, Any] | None = None
@@ -134,7 +128,7 @@ class ERK(_Distribution):
 
   def __post_init__(self):
     super().__post_init__()
-    _check_static("power_scale", self.power_scale)
+    _checks.static_float("power_scale", self.power_scale)
     if not 0 <= float(self.power_scale) < np.inf:
       raise ValueError(f"power_scale={self.power_scale} must be a finite number >= 0")
 
@@ -188,7 +182,7 @@ class Global(_Distribution):
 
   def __post_init__(self):
     super().__post_init__()
-    _check_static("min_density", self.min_density)
+    _checks.static_float("min_density", self.min_density)
     _checks.fraction("min_density", self.min_density, closed=True, schedule=False)
 
   def _total_and_floors(self, scores, sparsity):

@@ -24,11 +24,6 @@ from sparsejax._src import pytree
 _REDUCERS = {"mean": jnp.mean, "max": jnp.max}
 
 
-def _check_reduce(reduce: str) -> None:
-  if reduce not in _REDUCERS:
-    raise ValueError(f"reduce={reduce!r} must be one of {sorted(_REDUCERS)}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Block:
   """Tiles of `block_shape` over the trailing dims of a leaf, on or off together.
@@ -56,7 +51,7 @@ class Block:
     if not shape or not all(_checks.is_int(b) and b >= 1 for b in shape):
       raise ValueError(f"block_shape={self.block_shape!r} must be a tuple of integers >= 1")
     object.__setattr__(self, "block_shape", tuple(int(b) for b in shape))
-    _check_reduce(self.reduce)
+    _checks.choice("reduce", self.reduce, tuple(_REDUCERS))
 
   def _full(self, shape):
     return (1,) * (len(shape) - len(self.block_shape)) + self.block_shape
@@ -108,7 +103,7 @@ class Channel:
     if not _checks.is_int(self.axis):
       raise ValueError(f"axis={self.axis!r} must be an integer")
     object.__setattr__(self, "axis", int(self.axis))
-    _check_reduce(self.reduce)
+    _checks.choice("reduce", self.reduce, tuple(_REDUCERS))
 
   def check(self, path: pytree.Path, shape: tuple[int, ...]) -> None:
     if not -len(shape) <= self.axis < len(shape):
