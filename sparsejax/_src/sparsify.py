@@ -257,17 +257,15 @@ def sparsify(
                                           pytree.restrict(old, params), state.count)
         updates = jax.tree.map(lambda m, g, e: g if m is None else e, old, updates,
                                estimated, is_leaf=pytree.is_none)
-      new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-      stepped = new_updates
     else:
-      grads = jax.tree.map(
+      updates = jax.tree.map(
           lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)),
           old, updates, is_leaf=pytree.is_none)
-      new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-      stepped = _land_on_zero(old, new_updates, params)
+    new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
 
     def change(operand):
       masks, method_state = operand
+      stepped = new_updates if method.dense_params else _land_on_zero(masks, new_updates, params)
       after = optax.apply_updates(pytree.restrict(masks, params), pytree.restrict(masks, stepped))
       new_masks, new_state = method.update(
           sharding.gathered(masks), method_state, sharding.gathered(after),
