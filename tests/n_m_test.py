@@ -1,4 +1,8 @@
-"""N:M sparsity: exact groups, transposable masks, estimators, ramps, compression."""
+"""N:M sparsity: exact groups, transposable masks, estimators, ramps, mask timing.
+
+The storage format (`sj.matmul.compress_n_m`, `decompress_n_m`, `n_m_matmul`)
+is tested in `n_m_format_test.py`.
+"""
 
 import itertools
 import re
@@ -37,10 +41,19 @@ def test_n_m_mask_is_exact(data):
   scores = np.random.default_rng(len(shape) + n).standard_normal(shape).astype(np.float32)
   if values == "ties":
     scores = np.round(scores)
-  mask = np.asarray(jax.jit(lambda s: sj.n_m_mask(s, n, m, axis))(scores))
+  mask = np.asarray(jax.jit(lambda s: sj.n_m_mask(s, n, m, axis=axis))(scores))
   groups = np.moveaxis(mask, axis, -1).reshape(-1, m)
   assert np.all(groups.sum(-1) == n)
   np.testing.assert_array_equal(mask, reference_n_m(scores, n, m, axis))
+
+
+def test_default_axis_is_minus_two():
+  scores = np.random.default_rng(0).standard_normal((2, 8, 3)).astype(np.float32)
+  np.testing.assert_array_equal(sj.n_m_mask(scores, 2, 4), reference_n_m(scores, 2, 4, -2))
+  params = {"w": jnp.asarray(scores[0])}  # an (in, out) kernel: groups run over the 8 inputs
+  state = sj.sparsify(optax.sgd(0.1), sj.n_m(2, 4)).init(params)
+  np.testing.assert_array_equal(sj.get_masks(state)["w"],
+                                reference_n_m(np.abs(scores[0]), 2, 4, -2))
 
 
 @pytest.mark.parametrize("n, m", [(1, 4), (2, 4), (3, 4), (2, 5)])
@@ -98,7 +111,10 @@ def test_estimators_give_hand_derived_updates(estimator):
             "decay": 0.25 * g + 0.25 * 0.1 * np.asarray(w)}[estimator]
   np.testing.assert_allclose(-np.asarray(updates["w"]), np.where(m, g, pruned), rtol=1e-5,
                              atol=1e-6)
-  assert int(state.method_state.flips) == 0  # same weights, same mask
+  # The masks of step 1 are recomputed from the weights this step produced.
+  new = reference_n_m(np.abs(np.asarray(optax.apply_updates(params, updates)["w"])), 2, 4, 0)
+  np.testing.assert_array_equal(sj.get_masks(state)["w"], new)
+  assert int(state.method_state.flips) == np.sum(new != m)
 
 
 def test_decay_schedule_reaches_zero_and_params_stay_dense():
@@ -127,17 +143,42 @@ def test_decay_schedule_reaches_zero_and_params_stay_dense():
 
 
 def test_n_m_ramp_is_exact_at_every_step():
+  """The update call with count t sets the masks of step t + 1, from the weights it produced."""
   n = sj.piecewise({0: 4, 3: 2, 6: 1})  # 4:4 -> 2:4 -> 1:4
-  tx = sj.sparsify(optax.adam(1e-2), sj.n_m(n, 4, axis=-2, estimator="ste"))
+  n_at = lambda step: 4 if step < 3 else 2 if step < 6 else 1
+  tx = sj.sparsify(optax.sgd(0.5), sj.n_m(n, 4, estimator="ste"))  # steps that reorder weights
   params = {"w": jax.random.normal(jax.random.key(0), (8, 5))}
   state = tx.init(params)
+  assert np.all(np.asarray(sj.get_masks(state)["w"]))  # step 0 (from init): 4:4
   update = jax.jit(tx.update)
   for step in range(9):
     grads = {"w": jax.random.normal(jax.random.fold_in(jax.random.key(1), step), (8, 5))}
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
-    groups = np.asarray(sj.get_masks(state)["w"]).reshape(2, 4, 5).sum(1)
-    assert np.all(groups == (4 if step < 3 else 2 if step < 6 else 1)), step
+    mask = np.asarray(sj.get_masks(state)["w"])
+    assert np.all(mask.reshape(2, 4, 5).sum(1) == n_at(step + 1)), step
+    np.testing.assert_array_equal(mask, reference_n_m(np.abs(params["w"]), n_at(step + 1), 4, -2))
+
+
+def test_masks_change_at_update_steps_from_the_weights_of_that_step():
+  """update_every=2: step 0's masks come from init, steps 2 and 4 from the weights of that step."""
+  tx = sj.sparsify(optax.sgd(0.5), sj.n_m(2, 4, estimator="ste", update_every=2))
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 6))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  history = [np.asarray(params["w"])]  # the weights of steps 0, 1, ...
+  for step in range(6):
+    assert int(state.count) == step
+    np.testing.assert_array_equal(sj.get_masks(state)["w"],
+                                  reference_n_m(np.abs(history[2 * (step // 2)]), 2, 4, -2))
+    grads = {"w": jax.random.normal(jax.random.fold_in(jax.random.key(1), step), (8, 6))}
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(np.asarray(params["w"]))
+  # Not vacuous: the weights of steps 0, 1 and 2 give three different masks.
+  first = [reference_n_m(np.abs(w), 2, 4, -2) for w in history[:3]]
+  assert np.any(first[0] != first[1]) and np.any(first[1] != first[2])
+  assert np.any(first[0] != first[2])
 
 
 def test_flips_count_mask_changes():
@@ -146,28 +187,8 @@ def test_flips_count_mask_changes():
   assert int(sj.mask_flips(old, new)) == 1
 
 
-@pytest.mark.parametrize("axis", [0, 1, -1])
-def test_compress_round_trip(axis):
-  w = jax.random.normal(jax.random.key(axis + 5), (8, 12, 4))
-  c = jax.jit(lambda w: sj.compress_n_m(w, 2, 4, axis=axis))(w)
-  assert c.indices.dtype == jnp.int8 and c.values.shape[-1] == w.shape[axis] // 2
-  mask = sj.n_m_mask(jnp.abs(w), 2, 4, axis)
-  np.testing.assert_array_equal(sj.decompress_n_m(c, w.shape, 2, 4, axis=axis),
-                                jnp.where(mask, w, 0.0))
-
-
-@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (1, 8), (4, 8)])
-def test_n_m_matmul_equals_dense_masked_matmul(n, m):
-  w = jax.random.normal(jax.random.key(m), (32, 6))
-  x = jax.random.normal(jax.random.key(n), (3, 7, 32))
-  c = sj.compress_n_m(w, n, m, axis=0)
-  dense = x @ jnp.where(sj.n_m_mask(jnp.abs(w), n, m, 0), w, 0.0)
-  np.testing.assert_allclose(jax.jit(sj.n_m_matmul, static_argnums=(2, 3))(x, c, n, m), dense,
-                             rtol=1e-5, atol=1e-5)
-
-
 def test_transposable_training_keeps_both_directions():
-  tx = sj.sparsify(optax.adam(1e-2), sj.n_m(2, 4, estimator="sr_ste", transposable=True))
+  tx = sj.sparsify(optax.sgd(0.5), sj.n_m(2, 4, estimator="sr_ste", transposable=True))
   params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
   state = tx.init(params)
   for i in range(3):
@@ -176,16 +197,20 @@ def test_transposable_training_keeps_both_directions():
     params = optax.apply_updates(params, updates)
     mask = np.asarray(sj.get_masks(state)["w"])
     assert np.all(mask.reshape(8, 2, 4).sum(-1) == 2) and np.all(mask.reshape(2, 4, 8).sum(1) == 2)
+    # Recomputed from the weights of this step (update_every=1).
+    np.testing.assert_array_equal(mask, sj.transposable_n_m_mask(jnp.abs(params["w"]), 2, 4))
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda: sj.n_m(5, 4), r"n=5 must be an integer with 0 <= n <= m=4"),
-    (lambda: sj.n_m(2, 4, estimator="magic"), "unknown estimator 'magic'"),
+    (lambda: sj.n_m(2, 4, estimator="magic"), "estimator='magic' must be one of"),
     (lambda: sj.n_m(2, 4, estimator="hard", decay=1e-4), "decay applies to the sr_ste"),
     (lambda: sj.n_m(2, 4, estimator="decay"), "estimator='decay' needs grad_scale"),
     (lambda: sj.n_m(2, 4, estimator="ste", grad_scale=0.5), "grad_scale applies to the decay"),
     (lambda: sj.n_m(2, 4, update_every=0), "update_every=0 must be an integer >= 1"),
-    (lambda: sj.n_m(sj.piecewise({0: 2}), 4, transposable=True), "transposable masks need a fixed n"),
+    (lambda: sj.n_m(sj.piecewise({0: 2}), 4, transposable=True),
+     "transposable masks need a fixed integer n"),
+    (lambda: sj.n_m(2, 4, granularity=sj.Block((2, 2))), r"n_m: granularity=.* is not supported"),
     (lambda: sj.transposable_n_m_mask(jnp.ones((8, 6)), 2, 4), "multiples of m=4"),
 ])
 def test_bad_input(make, message):
@@ -197,7 +222,7 @@ def test_bad_leaves_are_named():
   params = {"dense": {"kernel": jnp.ones((6, 8))}}
   with pytest.raises(ValueError, match=re.escape(
       "m=4 does not divide axis 0 (length 6) of params['dense']['kernel'] of shape (6, 8)")):
-    sj.sparsify(optax.sgd(0.1), sj.n_m(2, 4, axis=-2)).init(params)
+    sj.sparsify(optax.sgd(0.1), sj.n_m(2, 4)).init(params)  # the default axis is -2
   with pytest.raises(ValueError, match=re.escape(
       "axis=2 is out of range for params['dense']['kernel'] of shape (6, 8)")):
     sj.sparsify(optax.sgd(0.1), sj.n_m(2, 4, axis=2)).init(params)
