@@ -45,7 +45,7 @@ def configs(sparsity, every):
   key = jax.random.key(0)
   return {
       "adam (dense)": optax.adam(1e-3),
-      "static_random, uniform": sj.sparsify(optax.adam(1e-3), sj.static_random(sparsity, key=key)),
+      "static_random, erk": sj.sparsify(optax.adam(1e-3), sj.static_random(sparsity, key=key)),
       **{f"magnitude, {d}": sj.sparsify(
           optax.adam(1e-3), sj.magnitude(sparsity, update_every=every, distribution=d))
          for d in ("uniform", "erk", "global")},

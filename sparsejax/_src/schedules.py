@@ -22,6 +22,7 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax._src import _checks
 
@@ -113,9 +114,10 @@ def cubic_schedule(
   _checks.fraction("sparsity", sparsity, schedule=False)
   _checks.fraction("init_sparsity", init_sparsity, schedule=False)
   _checks.steps(begin_step=begin_step, end_step=end_step)
-  if _checks.is_concrete(power):
-    if isinstance(power, (bool, str, bytes)) or not 0 < float(power) < math.inf:
-      raise ValueError(f"power={power!r} must be a finite number > 0")
+  if _checks.is_concrete(power) and not (
+      isinstance(power, (int, float, np.integer, np.floating, jax.Array))
+      and not isinstance(power, bool) and 0 < float(power) < math.inf):
+    raise ValueError(f"power={power!r} must be a finite number > 0")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -170,8 +172,10 @@ def cosine_decay(initial: float, *, begin_step: Any, end_step: Any) -> Schedule:
   """
 
   def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
     span = jnp.maximum(jnp.asarray(end_step - begin_step, jnp.float32), 1.0)
-    progress = jnp.clip((jnp.asarray(step, jnp.float32) - begin_step) / span, 0.0, 1.0)
+    progress = jnp.clip((step - begin_step) / span, 0.0, 1.0)
+    progress = jnp.where(step >= end_step, 1.0, progress)  # also when begin == end
     return initial * 0.5 * (1.0 + jnp.cos(math.pi * progress))
 
   return schedule

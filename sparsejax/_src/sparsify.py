@@ -332,9 +332,10 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
                      "params trees; call get_masks on the state of one of them")
   out = []
   for i, (path, _) in enumerate(flat[0][0]):
-    owned = [leaves[i][1] for leaves, _ in flat if not _is_masked_node(leaves[i][1])]
+    owned = [leaves[i][1] for leaves, _ in flat
+             if not (_is_masked_node(leaves[i][1]) or leaves[i][1] is None)]
     if len(owned) > 1:
-      raise ValueError(f"{pytree.describe(path, 'masks')} is owned by {len(owned)} sparsify "
+      raise ValueError(f"{pytree.describe(path, 'masks')} is sparsified by {len(owned)} sparsify "
                        "transformations; each leaf may be sparsified by one only")
     out.append(pytree.unwrap(owned[0]) if owned else None)
   return jax.tree_util.tree_unflatten(treedef, out)

@@ -251,7 +251,7 @@ def granet(
                        f"sparsity, not both (got a schedule and {init_sparsity=})")
     schedule = sparsity
   else:
-    _checks.fraction("sparsity", sparsity, schedule=False)
+    _checks.fraction("sparsity", sparsity)
     _checks.fraction("init_sparsity", init_sparsity, schedule=False)
     if _checks.is_concrete(sparsity) and _checks.is_concrete(init_sparsity) and (
         float(init_sparsity) > float(sparsity)):
