@@ -168,16 +168,16 @@ def forward_params(params, state, entry):
   return sj.apply_masks(params, sj.get_masks(state), ste=True) if is_dense(entry) else params
 
 
-def checked(params, masks, entry):
+def checked(params, masks, entry, seen):
   """The params whose pruned entries must be exactly zero.
 
   Straight-through methods keep dense params: their masks must be the exact
-  N:M masks of the params' magnitudes (masks change after the optimizer
-  step), and the model they export is the params where the masks are True.
+  N:M masks of the magnitudes of `seen`, the params the last update saw, and
+  the model they export is the params where the masks are True.
   """
   if not is_dense(entry):
     return params
-  for m, p in zip(jax.tree.leaves(masks), _sparsified(masks, params)):
+  for m, p in zip(jax.tree.leaves(masks), _sparsified(masks, seen)):
     np.testing.assert_array_equal(m, sj.n_m_mask(jnp.abs(p), 2, 4))
   return jax.tree.map(lambda m, p: p if m is None else np.where(m, p, 0), masks, params,
                       is_leaf=lambda x: x is None)
@@ -201,10 +201,10 @@ def train(tx, entry, params, n_steps=10, check=True):
     return optax.apply_updates(params, updates), state
 
   for i, batch in enumerate(batches(n_steps)):
-    params, state = step(params, state, batch)
+    seen, (params, state) = params, step(params, state, batch)
     if check:
       masks = sj.get_masks(state)
-      assert_exact(masks, checked(params, masks, entry), entry, i)
+      assert_exact(masks, checked(params, masks, entry, seen), entry, i)
   if check and is_dense(entry):  # shadow weights stay dense
     masks = sj.get_masks(state)
     pruned = [np.asarray(p)[~np.asarray(m)] for m, p in zip(jax.tree.leaves(masks),
@@ -354,11 +354,12 @@ def test_nnx_optimizer(name):
     optimizer.update(model, grads)
 
   for i, (x, y) in enumerate(batches(8)):
+    seen = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     step(model, optimizer, x, y)
     masks = sj.get_masks(optimizer.opt_state)
     params = nnx.state(model, nnx.Param)
     pure = checked(jax.tree.map(np.asarray, nnx.to_pure_dict(params)), nnx.to_pure_dict(masks),
-                   entry)
+                   entry, seen)
     assert_exact(masks, pure, entry, i)
   assert optax.tree.get(optimizer.opt_state, "masks") is not None
   assert masks["dense0"]["bias"] is None
@@ -408,7 +409,7 @@ def test_flax_linen_params(name):
     return optax.apply_updates(params, updates), state
 
   for i, (x, y) in enumerate(batches(8)):
-    params, state = step(params, state, x, y)
+    seen, (params, state) = params, step(params, state, x, y)
     masks = sj.get_masks(state)
-    assert_exact(masks, checked(params, masks, entry), entry, i)
+    assert_exact(masks, checked(params, masks, entry, seen), entry, i)
   assert sj.get_masks(state)["params"]["Dense_0"]["bias"] is None

@@ -6,10 +6,11 @@ Steps are the `sparsify` wrapper's own update count: 0 for the first `update`.
 
 Step arguments mean the same thing everywhere:
 
-- masks change after the optimizer step of every step ``t`` with
-  ``begin_step <= t <= end_step`` and ``(t - begin_step) % update_every == 0``,
-  and at ``end_step`` itself (`update_steps`); never at step 0, whose masks
-  the method's ``init`` has already set for ``schedule(0)``;
+- masks change for every step ``t`` with ``begin_step <= t <= end_step`` and
+  ``(t - begin_step) % update_every == 0``, and for ``end_step`` itself
+  (`update_steps`): the update call before step ``t`` (the ``t``-th) sets
+  them, so they hold after ``t`` optimizer steps. Never for step 0, whose
+  masks the method's ``init`` sets for ``schedule(0)``;
 - a schedule that ramps between `begin_step` and `end_step` reaches its final
   value at `end_step` (inclusive), so the last mask update lands on it.
 """

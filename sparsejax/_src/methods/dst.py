@@ -16,10 +16,10 @@ inactive before the update. Dropped and grown sets are disjoint, nothing
 dropped is regrown in the same step, and the count after the update is
 exactly ``target``.
 
-Masks change after the optimizer step (as in RigL's reference code): the
-drop score sees the weights that step produced, and a connection grown at a
-step is exactly zero after it, with zero optimizer state; its first update
-comes at the next step.
+Scores see the step's params and gradients. As in RigL's reference code, a
+connection grown at a step is exactly zero after it, with zero optimizer
+state, and its first update comes at the next step; a dropped one gets no
+update at the step that drops it and lands on exactly zero.
 """
 
 from __future__ import annotations

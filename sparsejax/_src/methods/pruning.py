@@ -132,10 +132,10 @@ def snip(
 ) -> sparsify.SparsityMethod:
   """SNIP: one-shot pruning by connection sensitivity ``|w * g|``.
 
-  The mask is computed once, after the optimizer step of the first `update`
-  whose gradients and params are all finite (an fp16 loss-scale overflow, for
-  instance, only delays it), from that step's gradient and the params it
-  produced, and kept fixed after. Until then training is dense. Ranking is
+  The mask is computed once, at the first `update` whose gradients and
+  params are all finite (an fp16 loss-scale overflow, for instance, only
+  delays it), from that step's params and gradient, and kept fixed after:
+  pruned weights land on zero at that step. Until then training is dense. Ranking is
   global across leaves by default, as in the paper (every other method
   defaults to "erk").
 
@@ -158,17 +158,18 @@ def snip(
   granularities.as_granularity(granularity)
 
   def update(masks, state, params, grads, step):
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params,
-                                                                                   grads))]))
+    def attempt():
+      finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, grads))])
 
-    def commit():
-      score = scores.saliency_score(params, grads, masks, None)
-      return distributions.masks_from_scores(score, sparsity, distribution=dist, step=step,
-                                             granularity=granularity)
+      def commit():
+        score = scores.saliency_score(params, grads, masks, None)
+        return distributions.masks_from_scores(score, sparsity, distribution=dist, step=step,
+                                               granularity=granularity)
 
-    commit_now = state.pending & finite
-    new = lax.cond(commit_now, commit, lambda: masks)
-    return new, SnipState(state.pending & ~commit_now)
+      done = jnp.all(finite)
+      return lax.cond(done, commit, lambda: masks), SnipState(~done)
+
+    return lax.cond(state.pending, attempt, lambda: (masks, state))
 
   # The update runs at every step but selects only once: its own flag decides.
   return sparsify.SparsityMethod(
