@@ -36,7 +36,9 @@ def test_train_mlp_runs(method, tmp_path):
     # leaf and per neuron; a kept weight can be exactly 0, so nnz <= budget).
     line = next(l for l in out.splitlines() if l.startswith("total (sparsified leaves)"))
     target = 0.5 if method == "n_m" else 0.2  # n_m runs 2:4 by default
-    assert abs(float(line.split()[-1]) - target) < 0.01
+    # Weights grown at the last updates can still be exactly 0 (an input that
+    # is always 0 in digits gives them no gradient), so nnz may fall short.
+    assert -0.02 < float(line.split()[-1]) - target < 0.01
     if method == "n_m":
       assert "mask flips" in out
   assert plot.stat().st_size > 1000
