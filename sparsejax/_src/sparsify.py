@@ -271,7 +271,9 @@ def sparsify(
       _check_method_masks(new_masks, masks, "update")
       # Both branches of the cond must agree in sharding too.
       new_masks = sharding.like(new_masks, masks)
-      return new_masks, sharding.like(new_state, method_state), active_both(masks, new_masks)
+      # Dense-params methods train every entry: they need no `keep`.
+      keep = None if method.dense_params else active_both(masks, new_masks)
+      return new_masks, sharding.like(new_state, method_state), keep
 
     # The cond comes first and returns the entries that train at this step
     # (active before and after the change) beside the new masks, so nothing
@@ -279,7 +281,8 @@ def sparsify(
     # pass over the params.
     masks, method_state, keep = lax.cond(
         jnp.asarray(method.should_update(step), jnp.bool_), change,
-        lambda operand: (*operand, operand[0]), (old, state.method_state))
+        lambda operand: (*operand, None if method.dense_params else operand[0]),
+        (old, state.method_state))
 
     if method.dense_params:
       # Straight-through training: every weight trains with this step's masks;
