@@ -5,11 +5,15 @@ masks they keep, and the pieces methods are built from (schedules, scores,
 distributions, granularity). Kernels and layers live in their own namespaces,
 imported on first use: `sparsejax.attention` (block-sparse attention),
 `sparsejax.matmul` (block-sparse and N:M matmuls and their formats) and
-`sparsejax.nn` (Flax layers; the only module that imports flax).
+`sparsejax.nn` (Flax layers; the only module that imports flax) and
+`sparsejax.prune` (post-training pruning of trained models).
 """
 
 import importlib as _importlib
 
+from sparsejax._src.calibration import Calibration as Calibration
+from sparsejax._src.calibration import LayerStats as LayerStats
+from sparsejax._src.calibration import calibrate as calibrate
 from sparsejax._src.distributions import ERK as ERK
 from sparsejax._src.distributions import Global as Global
 from sparsejax._src.distributions import Uniform as Uniform
@@ -28,6 +32,7 @@ from sparsejax._src.methods.dst import set_evolution as set_evolution
 from sparsejax._src.methods.n_m import NMState as NMState
 from sparsejax._src.methods.n_m import n_m as n_m
 from sparsejax._src.methods.pruning import SnipState as SnipState
+from sparsejax._src.methods.pruning import fixed as fixed
 from sparsejax._src.methods.pruning import magnitude as magnitude
 from sparsejax._src.methods.pruning import snip as snip
 from sparsejax._src.methods.pruning import static_random as static_random
@@ -56,11 +61,11 @@ from sparsejax._src.topk import topk_mask as topk_mask
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("attention", "matmul", "nn")
+_SUBMODULES = ("attention", "matmul", "nn", "prune")
 
 
 def __getattr__(name):
-  # `sj.nn`, `sj.matmul` and `sj.attention` import on first use, so that
+  # `sj.nn`, `sj.matmul`, `sj.attention` and `sj.prune` import on first use, so that
   # `import sparsejax` stays light and never imports flax.
   if name in _SUBMODULES:
     return _importlib.import_module(f"sparsejax.{name}")
@@ -69,10 +74,12 @@ def __getattr__(name):
 
 __all__ = (
     "Block",
+    "Calibration",
     "Channel",
     "DropAndGrowState",
     "ERK",
     "Global",
+    "LayerStats",
     "NMState",
     "SRigLState",
     "SnipState",
@@ -82,8 +89,10 @@ __all__ = (
     "UpdateContext",
     "apply_masks",
     "attention",
+    "calibrate",
     "cubic_schedule",
     "drop_and_grow",
+    "fixed",
     "get_masks",
     "gradient_score",
     "granet",
@@ -101,6 +110,7 @@ __all__ = (
     "one_shot",
     "path_pattern",
     "piecewise",
+    "prune",
     "random_score",
     "rigl",
     "saliency_score",

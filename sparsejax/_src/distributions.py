@@ -38,7 +38,7 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> None:
     _checks.fraction(f"overrides[{pattern!r}]", sparsity)
 
 
-def _kept(density: jax.Array, size: int) -> jax.Array:
+def kept(density: jax.Array, size: int) -> jax.Array:
   """``round(density * size)`` in float32, ties to even; exactly 0 and `size` at the ends."""
   density = jnp.clip(density, 0.0, 1.0)
   kept = jnp.round(density * jnp.float32(size)).astype(jnp.int32)
@@ -78,7 +78,7 @@ class _Distribution:
     """
     shapes = [a.shape for a in scores] if shapes is None else list(shapes)
     fixed, empty, pool = self._split(paths, scores, step)
-    out = {i: _kept(1.0 - s, scores[i].size) for i, s in fixed.items()}
+    out = {i: kept(1.0 - s, scores[i].size) for i, s in fixed.items()}
     out.update((i, jnp.int32(0)) for i in empty)
     if pool:
       pooled = self._pool_counts([scores[i] for i in pool], sparsity, [shapes[i] for i in pool])
@@ -106,7 +106,7 @@ class Uniform(_Distribution):
 
   def _pool_counts(self, scores, sparsity, shapes):
     del shapes
-    return [_kept(1.0 - sparsity, s.size) for s in scores]
+    return [kept(1.0 - sparsity, s.size) for s in scores]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,7 +161,7 @@ class ERK(_Distribution):
 
   def _pool_counts(self, scores, sparsity, shapes):
     densities = self.densities(shapes, sparsity)
-    return [_kept(d, s.size) for d, s in zip(densities, scores)]
+    return [kept(d, s.size) for d, s in zip(densities, scores)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -187,7 +187,7 @@ class Global(_Distribution):
 
   def _total_and_floors(self, scores, sparsity):
     sizes = [s.size for s in scores]
-    total = _kept(1.0 - sparsity, sum(sizes))
+    total = kept(1.0 - sparsity, sum(sizes))
     floors = [jnp.minimum(int(np.ceil(self.min_density * n - 1e-9)),
                           jnp.floor((1.0 - sparsity) * np.float32(n)).astype(jnp.int32))
               for n in sizes]
@@ -201,7 +201,7 @@ class Global(_Distribution):
     # The pool's masks come straight from the shared threshold; overridden
     # and empty leaves take their own counts.
     fixed, empty, pool = self._split(paths, scores, step)
-    out = {i: topk.topk_mask(scores[i], _kept(1.0 - s, scores[i].size))
+    out = {i: topk.topk_mask(scores[i], kept(1.0 - s, scores[i].size))
            for i, s in fixed.items()}
     out.update((i, jnp.zeros(scores[i].shape, jnp.bool_)) for i in empty)
     if pool:

@@ -1,4 +1,4 @@
-"""Pruning methods: a fixed random mask, magnitude pruning and SNIP."""
+"""Pruning methods: a fixed random mask, magnitude pruning, SNIP and a given mask held fixed."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from sparsejax._src import _checks
 from sparsejax._src import distributions
 from sparsejax._src import granularity as granularities
+from sparsejax._src import pytree
 from sparsejax._src import schedules
 from sparsejax._src import scores
 from sparsejax._src import selection
@@ -176,3 +178,65 @@ def snip(
       init=lambda params: (selection.all_true(params), SnipState(jnp.ones([], jnp.bool_))),
       update=update, should_update=lambda step: jnp.ones([], jnp.bool_))
 
+
+
+def fixed(masks) -> sparsify.SparsityMethod:
+  """Holds a given mask: the masks of post-training pruning, or of any earlier run.
+
+  The params are pruned to `masks` at the first update and stay exactly zero
+  there; the other entries train. A leaf that `sparsify`'s ``where`` selects
+  but `masks` leaves None (or a dense leaf of `masks`) trains dense.
+
+  Args:
+    masks: a masks pytree paired with the params: bool arrays at pruned
+      leaves, None at dense ones (what `sj.prune` and `sj.get_masks` return).
+
+  Returns:
+    a `SparsityMethod` for `sparsify`.
+
+  Example:
+    >>> masks, params = sj.prune.sparsegpt(model, calibration, sparsity=0.5)
+    >>> tx = sj.sparsify(optax.adamw(1e-4), sj.fixed(masks))
+  """
+  leaves, _ = pytree.flatten(masks)
+  if not any(m is not None for _, m in leaves):
+    raise ValueError("fixed: masks has no bool array: nothing would be pruned")
+  given = {}
+  for path, m in leaves:
+    if m is None:
+      continue
+    m = pytree.unwrap(m)
+    if not isinstance(m, (jax.Array, np.ndarray)) or jnp.result_type(m) != jnp.bool_:
+      raise ValueError(f"fixed: {pytree.describe(path, 'masks')} must be a bool array, got "
+                       f"{getattr(m, 'dtype', type(m).__name__)}")
+    given[pytree.path_str(path)] = (path, jnp.asarray(m))
+
+  def init(params):
+    p_leaves, treedef = pytree.flatten(params)
+    paths = {pytree.path_str(p) for p, _ in p_leaves}
+    out = []
+    for path, p in p_leaves:
+      name = pytree.path_str(path)
+      if p is None:
+        if name in given:
+          raise ValueError(
+              f"fixed: {pytree.describe(path, 'masks')} is a mask, but sparsify's `where` "
+              "leaves that leaf dense; pass where= a filter that selects it")
+        out.append(None)
+        continue
+      if name not in given:
+        out.append(jnp.ones(jnp.shape(p), jnp.bool_))
+        continue
+      mask = given[name][1]
+      if mask.shape != jnp.shape(p):
+        raise ValueError(f"fixed: {pytree.describe(path, 'masks')} has shape {mask.shape}, the "
+                         f"param has shape {jnp.shape(p)}")
+      out.append(mask)
+    unknown = sorted(set(given) - paths)
+    if unknown:
+      raise ValueError(f"fixed: masks has leaves that params has not: {unknown[:5]}")
+    return jax.tree_util.tree_unflatten(treedef, out), None
+
+  return sparsify.SparsityMethod(
+      init=init, update=lambda masks, state, params, grads, step: (masks, state),
+      should_update=_never)
