@@ -198,9 +198,8 @@ def _flax_types() -> dict[str, tuple[type, ...]]:
 class _Recorder:
   """Collects the inputs of the target layers during one traced forward pass."""
 
-  def __init__(self, targets: dict[str, tuple[int, ...]], kinds: dict[str, str]):
+  def __init__(self, targets: dict[str, tuple[int, ...]]):
     self.targets = targets  # kernel path -> kernel shape
-    self.kinds = kinds
     self.calls: list[tuple[str, Any, tuple, tuple]] = []  # path, x, kernel axes, input axes
     self._inputs: list[Any] = []  # keeps traced inputs alive, so ids stay unique
     self.groups: dict[str, int] = {}
@@ -363,6 +362,7 @@ class Calibration:
   _runner: _Runner = dataclasses.field(repr=False)
   _batches: tuple[tuple[Any, ...], ...] = dataclasses.field(repr=False)
   _gram: bool = dataclasses.field(repr=False)
+  _steps: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled, per group
 
   def __getitem__(self, path: str) -> LayerStats:
     """The `LayerStats` of the layer whose kernel path is `path`."""
@@ -383,24 +383,31 @@ class Calibration:
 
   def collect(self, params: PyTree, paths: Iterable[str]) -> dict[str, LayerStats]:
     """Statistics of the layers at `paths`, run on the calibration batches with `params`."""
-    return _collect(self._runner, params, self._batches,
-                    [l for l in self.layers if l.path in set(paths)], self._gram)
+    paths = set(paths)
+    layers = tuple(l for l in self.layers if l.path in paths)
+    if layers not in self._steps:
+      self._steps[layers] = _stats_step(self._runner, layers)
+    return _collect(self._steps[layers], params, self._batches, layers, self._gram)
 
 
-def _collect(runner: _Runner, params, batches, layers: Sequence[Layer],
-             gram: bool) -> dict[str, LayerStats]:
+def _stats_step(runner: _Runner, layers: Sequence[Layer]):
+  """A jitted ``step(params, stats, args) -> stats`` adding one batch for `layers`."""
   targets = {l.path: l.kernel_shape for l in layers}
   by_path = {l.path: l for l in layers}
 
   @jax.jit
   def step(params, stats, args):
-    recorder = _Recorder(targets, {})
+    recorder = _Recorder(targets)
     runner.run(params, args, recorder)
     stats = dict(stats)
     for path, x, _, _ in recorder.calls:
       stats[path] = _add_rows(stats[path], by_path[path].rows(x))
     return stats
 
+  return step
+
+
+def _collect(step, params, batches, layers: Sequence[Layer], gram: bool) -> dict[str, LayerStats]:
   stats = {l.path: _zero_stats(l.d_in, gram) for l in layers}
   for args in batches:
     stats = step(params, stats, args)
@@ -408,7 +415,7 @@ def _collect(runner: _Runner, params, batches, layers: Sequence[Layer],
 
 
 def _discover(runner: _Runner, params, args, types_owner: str) -> list[Layer]:
-  recorder = _Recorder({p: runner.shapes[p] for p in runner.selected}, {})
+  recorder = _Recorder({p: runner.shapes[p] for p in runner.selected})
 
   def forward(params, args):
     runner.run(params, args, recorder)
@@ -507,7 +514,7 @@ def calibrate(
     raise ValueError(
         "calibrate: the model called no layer to calibrate (types: "
         f"{[t.__name__ for t in runner.types]}, where={where!r}). Pass types= for custom layers.")
-  stats = _collect(runner, runner.params, batches, layers, gram)
+  stats = _collect(_stats_step(runner, layers), runner.params, batches, layers, gram)
   leaves, treedef = pytree.flatten(runner.params)
   tree = jax.tree_util.tree_unflatten(
       treedef, [stats.get(pytree.path_str(p)) for p, _ in leaves])
