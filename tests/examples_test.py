@@ -93,3 +93,21 @@ def test_lottery_keeps_masks_in_soups(tmp_path):
   table = [l.split(" | ") for l in out.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
   assert [row[1] for row in table] == ["0.500", "0.750"]  # ticket sparsity per round
   assert [row[3] for row in table] == ["0.500", "0.750"]  # soup sparsity per round
+
+
+def test_prune_lm_prints_every_rule_and_recovers(tmp_path):
+  flags = ["--steps=20", "--dim=32", "--heads=2", "--layers=1", "--seq=32", "--batch=4",
+           "--calibration_batches=1", "--finetune_steps=2", "--eval_batches=1",
+           f"--checkpoint={tmp_path / 'ckpt'}", f"--table_path={tmp_path / 'table.md'}",
+           f"--plot_path={tmp_path / 'bars.png'}"]
+  out = run_example("prune_lm.py", *flags, "--settings=2:4,70%", cwd=tmp_path)
+  rows = [l.split("|")[1:3] for l in out.splitlines() if l.startswith(("| 2:4", "| 70%"))]
+  rules = ["magnitude", "wanda", "sparsegpt", "wanda+dsnot"]
+  assert [[c.strip() for c in r] for r in rows] == (
+      [["2:4", r] for r in rules] + [["70%", r] for r in rules + ["owl+wanda"]]), out
+  assert "saved the dense model" in out and out.count("pruned kernels keep") in (1, 2)
+  assert (tmp_path / "table.md").read_text().count("| 70% |") == 5
+  assert (tmp_path / "bars.png").stat().st_size > 1000
+  again = run_example("prune_lm.py", *flags, "--settings=50%", "--rules=magnitude",
+                      cwd=tmp_path)  # the checkpoint skips training
+  assert "restored the dense model" in again and "| 50% | magnitude |" in again
