@@ -318,3 +318,44 @@ def test_bad_input():
     sj.prune.wanda(model, calibration, sparsity={"dense": {"kernel": None}})
   with pytest.raises(ValueError, match="must be a flax nnx Module or a linen Module"):
     sj.calibrate(lambda x: x, [x])
+
+
+def sharded_check():
+  """Run by `test_sharded_params` on 8 simulated devices: sharded equals single-device."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  batches = tiny_data(4)
+  model = Tiny(nnx.Rngs(4))
+  want_masks, want_params = sj.prune.sparsegpt(model, sj.calibrate(model, batches), sparsity=0.5)
+  want_wanda = sj.prune.wanda(model, sj.calibrate(model, batches), sparsity=0.5)
+
+  def spec(x):
+    return P(*([None] * (x.ndim - 1)), "model") if x.shape[-1] % 4 == 0 else P()
+
+  state = nnx.state(model)
+  nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), state))
+  sharded = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in batches]
+  calibration = sj.calibrate(model, sharded)
+  masks, params = sj.prune.sparsegpt(model, calibration, sparsity=0.5)
+  wanda = sj.prune.wanda(model, calibration, sparsity=0.5)
+  for path in ("q", "out", "down"):
+    got = params[path]["kernel"].get_value()
+    assert got.sharding.spec == getattr(model, path).kernel.get_value().sharding.spec
+    np.testing.assert_array_equal(masks[path]["kernel"], want_masks[path]["kernel"])
+    np.testing.assert_array_equal(wanda[path]["kernel"], want_wanda[path]["kernel"])
+    np.testing.assert_allclose(got, want_params[path]["kernel"].get_value(), rtol=1e-4, atol=1e-5)
+  print("sharded pruning equals single-device pruning")
+
+
+def test_sharded_params():
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "sharded pruning equals single-device pruning" in result.stdout
+
+
+if __name__ == "__main__":
+  sharded_check()

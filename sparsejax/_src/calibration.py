@@ -34,8 +34,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sparsejax._src import pytree
+from sparsejax._src import sharding
 
 PyTree = Any
 
@@ -76,7 +78,10 @@ def _add_rows(stats: LayerStats, rows: jax.Array) -> LayerStats:
   rows = rows.astype(jnp.float32)
   gram = None
   if stats.gram is not None:
-    gram = stats.gram + jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST)
+    # Tokens sharded over explicit mesh axes: the sum over them is replicated.
+    out = {} if sharding.explicit_spec(rows) is None else {
+        "out_sharding": NamedSharding(jax.typeof(rows).sharding.mesh, PartitionSpec())}
+    gram = stats.gram + jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST, **out)
   return LayerStats(stats.count + rows.shape[0], stats.sum + rows.sum(0),
                     stats.sum_sq + (rows * rows).sum(0), gram)
 
@@ -126,7 +131,7 @@ class Layer:
   def rows(self, x: jax.Array) -> jax.Array:
     """A layer input as rows [tokens, d_in], features in the kernel's order."""
     k = len(self.input_axes)
-    return jnp.moveaxis(x, self.input_axes, tuple(range(-k, 0))).reshape(-1, self.d_in)
+    return sharding.rows(jnp.moveaxis(x, self.input_axes, tuple(range(-k, 0))), self.d_in)
 
 
 # --- finding layers and their contractions -----------------------------------

@@ -31,6 +31,7 @@ from sparsejax._src import granularity as granularities
 from sparsejax._src import n_m_masks
 from sparsejax._src import pytree
 from sparsejax._src import selection
+from sparsejax._src import sharding
 from sparsejax._src import topk
 
 GROUPS = ("output", "layer")
@@ -180,16 +181,19 @@ def run(owner: str, params: Any, calibration: calibration_lib.Calibration,
     for layer in group:
       i = index[layer.path]
       kernel = values[i]
-      w = layer.to_matrix(jnp.asarray(kernel, jnp.float32))
+      # Layer by layer, with the params' sharding (automatic axes: GSPMD partitions the solve).
+      w = layer.to_matrix(jnp.asarray(sharding.as_auto(kernel), jnp.float32))
       s = per_layer[layer.path]
-      mask, new_w = prune_layer(layer, w, stats[layer.path],
-                                None if s is None else jnp.float32(s), start.get(layer.path))
+      mask, new_w = prune_layer(layer, w, sharding.as_auto(stats[layer.path]),
+                                None if s is None else jnp.float32(s),
+                                sharding.as_auto(start.get(layer.path)))
       new_w = jnp.where(mask, w if new_w is None else new_w, 0.0)
       new_kernel = layer.from_matrix(new_w).astype(jnp.result_type(kernel))
-      if isinstance(kernel, jax.Array) and hasattr(kernel, "sharding"):
-        new_kernel = jax.device_put(new_kernel, kernel.sharding)
+      mask = layer.from_matrix(mask)
+      if isinstance(kernel, jax.Array):  # results sharded like the param
+        new_kernel, mask = (jax.device_put(a, kernel.sharding) for a in (new_kernel, mask))
       values[i] = new_kernel
-      masks[layer.path] = layer.from_matrix(mask)
+      masks[layer.path] = mask
   mask_tree = jax.tree_util.tree_unflatten(
       treedef, [masks.get(pytree.path_str(p)) for p, _ in leaves])
   return mask_tree, tree(values)
