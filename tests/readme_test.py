@@ -61,3 +61,16 @@ def test_block_sparse_section_runs():
   np.testing.assert_allclose(np.asarray(scope["y"]), 128.0)  # half of 256 ones
   assert scope["layer"].layout is not None  # converted: the RigL-free kernel is all blocks
   assert scope["fly"](np.ones((2, 256), np.float32)).shape == (2, 256)
+
+
+def test_post_training_section_runs():
+  readme = (ROOT / "README.md").read_text()
+  code = re.search(r"```python\n(.*?)```", readme.split("<!-- posttraining")[1], re.S).group(1)
+  scope = {}
+  exec(compile(code, "README post-training", "exec"), scope)  # pylint: disable=exec-used
+  model, wanda = scope["model"], scope["wanda"]
+  up = np.asarray(model.up.kernel.get_value())
+  assert np.all((up != 0).reshape(8, 4, 128).sum(1) <= 2)  # 2:4 along the inputs
+  assert np.array_equal(up != 0, np.asarray(scope["masks"]["up"]["kernel"]))
+  kept = sum(int(np.asarray(wanda[k]["kernel"]).sum()) for k in ("up", "down"))
+  assert abs(kept - 0.3 * 2 * 32 * 128) <= 2 * 128  # per-output rounding of per-layer sparsities
