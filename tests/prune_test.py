@@ -134,14 +134,17 @@ def test_exact_counts_and_block_tiles(group):
       np.testing.assert_array_equal(m.sum(0), np.full(16, round(0.7 * 32)))
     else:
       assert m.sum() == round(0.7 * 32 * 16)
-  masks = sj.prune.wanda(model, calibration, sparsity=0.5, pattern=sj.Block((4, 4)), group=group)
-  tiles = np.asarray(masks["dense"]["kernel"]).reshape(8, 4, 4, 4).transpose(0, 2, 1, 3)
-  assert np.all(tiles.all((2, 3)) | ~tiles.any((2, 3)))  # every tile on or off
-  on = tiles.all((2, 3))
-  if group == "output":
-    np.testing.assert_array_equal(on.sum(0), np.full(4, 4))
-  else:
-    assert on.sum() == 16
+  block = sj.Block((4, 4))
+  for masks in (sj.prune.wanda(model, calibration, sparsity=0.5, pattern=block, group=group),
+                sj.prune.sparsegpt(model, calibration, sparsity=0.5, pattern=block, group=group,
+                                   block_size=8)[0]):
+    tiles = np.asarray(masks["dense"]["kernel"]).reshape(8, 4, 4, 4).transpose(0, 2, 1, 3)
+    assert np.all(tiles.all((2, 3)) | ~tiles.any((2, 3)))  # every tile on or off
+    on = tiles.all((2, 3))
+    if group == "output":
+      np.testing.assert_array_equal(on.sum(0), np.full(4, 4))
+    else:
+      assert on.sum() == 16
 
 
 class Tiny(nnx.Module):
@@ -238,6 +241,12 @@ def test_owl_sparsities_average_to_the_target_within_the_band():
     np.testing.assert_array_equal(kept, round((1 - s) * layer.d_in))
   overrides = sj.prune.overrides(sparsities)
   assert overrides["^up/kernel$"] == values["up/kernel"]
+  scores = {n: {"kernel": jnp.abs(getattr(model, n).kernel.get_value())}  # via a distribution
+            for n in ("q", "k", "v", "out", "up", "down")}
+  scores["embed"] = {"embedding": jnp.abs(model.embed.embedding.get_value())}
+  masks = sj.masks_from_scores(scores, 0.5, distribution=sj.Uniform(overrides=overrides))
+  assert int(masks["up"]["kernel"].sum()) == round((1 - values["up/kernel"]) * 16 * 32)
+  assert int(masks["embed"]["embedding"].sum()) == 64  # not overridden: the 0.5 of the pool
 
 
 def test_fixed_keeps_pruned_weights_zero_through_adamw():
