@@ -79,10 +79,17 @@ def drop_and_grow_masks(masks, drop, grow, sparsity, distribution, fraction, ste
 
 
 def topk_columns(scores: jax.Array, k: jax.Array) -> jax.Array:
-  """Per column of `scores` [rows, cols], the `k[col]` largest, ties to the lower row."""
+  """Per column of `scores` [rows, cols], the `k[col]` largest, ties to the lower row.
+
+  One sort per column finds the k-th key; the ties at it are taken in row
+  order (no scatter, which is slow on CPU).
+  """
   key = topk.keys(scores).reshape(scores.shape)
-  order = jnp.argsort(~key, axis=0, stable=True)
-  rank = jnp.zeros(scores.shape, jnp.int32).at[
-      order, jnp.arange(scores.shape[1])[None, :]].set(
-          jnp.broadcast_to(jnp.arange(scores.shape[0], dtype=jnp.int32)[:, None], scores.shape))
-  return rank < jnp.broadcast_to(k, (scores.shape[1],))[None, :]
+  rows = scores.shape[0]
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (scores.shape[1],))
+  descending = jnp.flip(jnp.sort(key, axis=0), axis=0)
+  kth = jnp.take_along_axis(descending, jnp.clip(k - 1, 0, rows - 1)[None, :], axis=0)
+  above, tied = key > kth, key == kth
+  need = (k - jnp.sum(above, axis=0, dtype=jnp.int32))[None, :]
+  ties = tied & (jnp.cumsum(tied, axis=0, dtype=jnp.int32) <= need)
+  return (above | ties) & (k[None, :] > 0)

@@ -87,22 +87,28 @@ def sparsegpt_matrix(w, gram, sparsity, dampening, *, pattern, group, block_size
       mask1 = chunk_mask(scores, counts[c])
 
     def column(i, inner):
-      w1, mask1, err1 = inner
+      # Row i as updated by the errors of rows < i of this chunk: w1[i] - u1[:i, i] @ err1[:i]
+      # (err1 is zero from row i on), so no per-column rewrite of the whole chunk.
+      mask1, err1, kept1 = inner
       if n_m:
         n, m = pattern
         start = (i // m) * m
-        group_w = lax.dynamic_slice(w1, (start, 0), (m, d_out))
-        group_d = lax.dynamic_slice(d1, (start,), (m,))
-        chosen = n_m_masks.n_m_mask(group_w ** 2 / group_d[:, None] ** 2, n, m, axis=0)
-        old = lax.dynamic_slice(mask1, (start, 0), (m, d_out))
-        mask1 = lax.dynamic_update_slice(mask1, jnp.where(i % m == 0, chosen, old), (start, 0))
-      row = w1[i]
+
+        def choose(mask1):
+          rows = (lax.dynamic_slice(w1, (start, 0), (m, d_out))
+                  - jnp.dot(lax.dynamic_slice(u1, (0, start), (b, m)).T, err1, precision=_HIGHEST))
+          group_d = lax.dynamic_slice(d1, (start,), (m,))
+          chosen = n_m_masks.n_m_mask(rows ** 2 / group_d[:, None] ** 2, n, m, axis=0)
+          return lax.dynamic_update_slice(mask1, chosen, (start, 0))
+
+        mask1 = lax.cond(i % m == 0, choose, lambda mask1: mask1, mask1)
+      row = w1[i] - jnp.dot(u1[:, i], err1, precision=_HIGHEST)
       kept = jnp.where(mask1[i], row, 0.0)
       err = (row - kept) / d1[i]
-      w1 = w1 - u1[i][:, None] * err[None, :]
-      return w1.at[i].set(kept), mask1, err1.at[i].set(err)
+      return mask1, err1.at[i].set(err), kept1.at[i].set(kept)
 
-    w1, mask1, err1 = lax.fori_loop(0, b, column, (w1, mask1, jnp.zeros((b, d_out), jnp.float32)))
+    zeros = jnp.zeros((b, d_out), jnp.float32)
+    mask1, err1, w1 = lax.fori_loop(0, b, column, (mask1, zeros, zeros))
     w = lax.dynamic_update_slice(w, w1, (i1, 0))
     later = (jnp.arange(size) >= i1 + b)[:, None]
     rows = lax.dynamic_slice(u, (i1, 0), (b, size))
