@@ -16,6 +16,7 @@ if __name__ == "__main__":  # before JAX starts
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -23,6 +24,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-
 import sparsejax as sj  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def make_params(key=0):
+  """Two layers (contract_test's model less its middle one, which only adds compile time).
+
+  dense0 splits its output features over 'model'; out (3 features) stays replicated.
+  """
+  k = jax.random.split(jax.random.key(key), 2)
+  return {"dense0": {"kernel": jax.random.normal(k[0], (8, 16)) * 0.5, "bias": jnp.zeros(16)},
+          "out": {"kernel": jax.random.normal(k[1], (16, 3)) * 0.3, "bias": jnp.zeros(3)}}
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  h = jnp.tanh(x @ params["dense0"]["kernel"] + params["dense0"]["bias"][None])
+  return jnp.mean((h @ params["out"]["kernel"] + params["out"]["bias"][None] - y) ** 2)
 
 
 def spec(x):
@@ -52,18 +69,18 @@ def train(tx, params, data, batch_sharding=None):
 def main(names, auto_names):
   """Trains each method sharded (explicit axes; automatic too for `auto_names`)."""
   data = list(batches(6))
+  initial = make_params()  # made once: eager ops under each mesh would compile again
   meshes = {mode: jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
             for mode, axis_type in [("explicit", jax.sharding.AxisType.Explicit),
                                     ("auto", jax.sharding.AxisType.Auto)]}
   for name in names:
     make = lambda: sj.sparsify(optax.adam(1e-2), METHODS[name].make())  # noqa: E731
-    single, single_state = train(make(), make_params(), data)
+    single, single_state = train(make(), initial, data)
     for mode in ["explicit", "auto"] if name in auto_names else ["explicit"]:
       mesh = meshes[mode]
       with jax.set_mesh(mesh):
-        params = make_params()
-        shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), params)  # pylint: disable=cell-var-from-loop
-        sharded, state = train(make(), jax.device_put(params, shardings), data,
+        shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), initial)  # pylint: disable=cell-var-from-loop
+        sharded, state = train(make(), jax.device_put(initial, shardings), data,
                                NamedSharding(mesh, P("data")))
       masks, single_masks = sj.get_masks(state), sj.get_masks(single_state)
       for path, mask in jax.tree_util.tree_leaves_with_path(masks):
@@ -96,7 +113,7 @@ def test_sharded_training_equals_single_device():
 
 
 sys.path.insert(0, HERE)
-from contract_test import FAMILIES, METHODS, batches, loss_fn, make_params  # pylint: disable=g-import-not-at-top,wrong-import-position
+from contract_test import FAMILIES, METHODS, batches  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == "__main__":
   main(FAMILIES, AUTO)
