@@ -54,9 +54,10 @@ def sparsegpt_matrix(w, gram, sparsity, dampening, *, pattern, group, block_size
   if pad:  # padded inputs are uncoupled and never kept
     h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(size) >= d_in).astype(h.dtype)
     w = jnp.pad(w, ((0, pad), (0, 0)))
-  chol = jnp.linalg.cholesky(h)
-  hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(size, dtype=jnp.float32))
-  u = jnp.linalg.cholesky(hinv).T  # upper: hinv = u.T @ u
+  # The upper Cholesky factor u of H^-1 (H^-1 = u.T @ u) without forming H^-1: with J the
+  # reversal, chol(J H J) = M gives H = R R.T for the upper R = J M J, and u = R^-1.
+  r = jnp.flip(jnp.linalg.cholesky(jnp.flip(h, (0, 1))), (0, 1))
+  u = jax.scipy.linalg.solve_triangular(r, jnp.eye(size, dtype=jnp.float32), lower=False)
   real = jnp.arange(size) < d_in
   n_m = isinstance(pattern, tuple)
   block = pattern if isinstance(pattern, granularities.Block) else None
