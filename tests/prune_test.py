@@ -270,6 +270,33 @@ def test_fixed_keeps_pruned_weights_zero_through_adamw():
   assert not np.allclose(k, kernel(params))  # the kept weights trained
 
 
+def test_fixed_in_chain_and_inject_hyperparams_and_bad_masks():
+  rng = np.random.default_rng(5)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32), "b": jnp.ones(6),
+            "v": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+  masks = {"w": jnp.asarray(rng.random((8, 6)) < 0.3), "b": None, "v": None}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), sj.sparsify(
+      optax.inject_hyperparams(optax.adamw)(learning_rate=0.1, weight_decay=0.5),
+      sj.fixed(masks)))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(3):
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  w = np.asarray(params["w"])
+  assert np.all(w[~np.asarray(masks["w"])] == 0) and np.all(w[np.asarray(masks["w"])] != 0)
+  assert np.all(np.asarray(params["v"]) != 0)  # selected by the default where, left dense
+  assert sj.get_masks(state)["v"].all()
+  with pytest.raises(ValueError, match=r"masks\['w'\] has shape \(6, 8\), the param has shape"):
+    sj.sparsify(optax.sgd(0.1), sj.fixed({"w": masks["w"].T, "b": None, "v": None})).init(params)
+  with pytest.raises(ValueError, match=r"masks\['b'\] is a mask, but sparsify's `where` leaves"):
+    sj.sparsify(optax.sgd(0.1), sj.fixed({"w": masks["w"], "b": jnp.ones(6, bool),
+                                          "v": None})).init(params)
+  with pytest.raises(ValueError, match=r"masks\['w'\] must be a bool array"):
+    sj.fixed({"w": jnp.ones((8, 6)), "b": None, "v": None})
+
+
 class LinenNet(nn.Module):
 
   @nn.compact
