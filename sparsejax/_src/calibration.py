@@ -462,7 +462,8 @@ def calibrate(
   """Per-layer input statistics of `model` over calibration `batches`.
 
   Args:
-    model: a flax nnx Module, or a linen Module with its `variables`.
+    model: a flax nnx Module, or a linen Module (or its bound ``apply``) with
+      its `variables`.
     batches: the model's inputs, one per forward pass: arrays, or tuples of
       positional arguments. They are kept (as given) so sequential pruning
       can rerun them; activations are not.
@@ -484,6 +485,9 @@ def calibrate(
     >>> calibration = sj.calibrate(model, [x[i:i + 32] for i in range(0, 256, 32)])
     >>> masks = sj.prune.wanda(model, calibration, sparsity=0.5)
   """
+  if callable(model) and getattr(model, "__name__", "") == "apply" and _is_linen_module(
+      getattr(model, "__self__", None)):
+    model = model.__self__  # a linen Module's bound `apply`
   if _is_nnx_module(model):
     if variables is not None:
       raise ValueError("calibrate: variables= is for linen Modules; an nnx Module holds its own")
