@@ -317,6 +317,42 @@ def test_linen_model():
   assert np.all(np.asarray(params["a"]["kernel"])[~np.asarray(masks["a"]["kernel"])] == 0)
 
 
+class MyDense(nnx.Module):
+  """A custom layer: calibrated when listed in `types`, read as a Dense."""
+
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (6, 5)))
+
+  def __call__(self, x):
+    return x @ self.kernel[...]
+
+
+class Custom(nnx.Module):
+
+  def __init__(self, rngs):
+    self.general = nnx.LinearGeneral((4, 2), 6, axis=(-2, -1), rngs=rngs)
+    self.mine = MyDense(rngs)
+
+  def __call__(self, x):
+    return self.mine(jax.nn.relu(self.general(x)))
+
+
+def test_custom_layers_and_linear_general():
+  x = np.random.default_rng(6).normal(size=(32, 4, 2)).astype(np.float32)
+  model = Custom(nnx.Rngs(0))
+  assert [l.path for l in sj.calibrate(model, [x]).layers] == ["general/kernel"]
+  calibration = sj.calibrate(model, [x], types=(MyDense,))
+  assert [l.path for l in calibration.layers] == ["general/kernel", "mine/kernel"]
+  rows = x.reshape(32, 8).astype(np.float64)
+  np.testing.assert_allclose(calibration["general/kernel"].gram, rows.T @ rows, rtol=1e-5)
+  h = np.asarray(jax.nn.relu(model.general(x)), np.float64)
+  np.testing.assert_allclose(calibration["mine/kernel"].sum, h.sum(0), rtol=1e-4)
+  masks = sj.prune.wanda(model, calibration, pattern=(1, 2))
+  assert masks["general"]["kernel"].shape == (4, 2, 6)  # 1:2 over the flattened (4, 2) inputs
+  np.testing.assert_array_equal(np.asarray(masks["general"]["kernel"]).sum(1), 1)
+  assert sj.calibrate(model, [x], types=(MyDense,), where="mine").layers[0].path == "mine/kernel"
+
+
 def test_bad_input():
   model, x, w = outlier_layer(d_in=12, d_out=4, n=64)
   with pytest.raises(ValueError, match=r"layer dense/kernel \(Linear\) takes inputs .* \(12,\)"):
