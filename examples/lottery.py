@@ -11,8 +11,8 @@ global magnitude a fraction `--prune_fraction` of what is left per round:
   (the average keeps the mask exactly, which the script checks) and prune
   the average in the next round.
 
-Each retraining runs `sj.sparsify` with a fixed mask: a `sj.SparsityMethod`
-whose update never fires.
+Each retraining runs `sj.sparsify` with `sj.fixed(masks)`, the method that
+holds a given mask.
 
 References: The Lottery Ticket Hypothesis: Finding Sparse, Trainable Neural
 Networks. Frankle & Carbin, 2019. arXiv:1803.03635. Stabilizing the Lottery
@@ -71,19 +71,12 @@ def accuracy(params, x, y):
   return jnp.mean(jnp.argmax(forward(params, x), -1) == y)
 
 
-def fixed(masks):
-  """A sparsity method that holds `masks` for the whole run."""
-  return sj.SparsityMethod(init=lambda params: (masks, None),
-                           update=lambda masks, state, params, grads, step: (masks, state),
-                           should_update=lambda step: False)
-
-
 def train(params, masks, data, steps, seed, start=0):
   """Adam from a fresh state, with `masks` fixed (None: dense); returns params."""
   x, y = data
   tx = optax.adam(_LEARNING_RATE.value)
   if masks is not None:
-    tx = sj.sparsify(tx, fixed(masks), where="kernel")
+    tx = sj.sparsify(tx, sj.fixed(masks), where="kernel")
     params = sj.apply_masks(params, masks)
   state = tx.init(params)
 
