@@ -208,6 +208,7 @@ class _Recorder:
     self.calls: list[tuple[str, Any, tuple, tuple]] = []  # path, x, kernel axes, input axes
     self._inputs: list[Any] = []  # keeps traced inputs alive, so ids stay unique
     self.groups: dict[str, int] = {}
+    self.kinds: dict[str, str] = {}
     self._active: set[str] = set()
     self.batch = 0
 
@@ -231,6 +232,7 @@ class _Recorder:
       self._inputs.append(x)
       group = len(self._inputs) - 1
     self.groups.setdefault(path, group)
+    self.kinds.setdefault(path, type(module).__name__)
     self.calls.append((path, x, kernel_axes, input_axes))
     self._active.add(path)
     try:
@@ -419,7 +421,7 @@ def _collect(step, params, batches, layers: Sequence[Layer], gram: bool) -> dict
   return stats
 
 
-def _discover(runner: _Runner, params, args, types_owner: str) -> list[Layer]:
+def _discover(runner: _Runner, params, args) -> list[Layer]:
   recorder = _Recorder({p: runner.shapes[p] for p in runner.selected})
 
   def forward(params, args):
@@ -441,7 +443,7 @@ def _discover(runner: _Runner, params, args, types_owner: str) -> list[Layer]:
     if path in seen:
       continue
     seen.add(path)
-    layers.append(Layer(path, types_owner.get(path, ""), runner.shapes[path], kernel_axes,
+    layers.append(Layer(path, recorder.kinds[path], runner.shapes[path], kernel_axes,
                         input_axes, recorder.groups[path]))
   # Group ids in call order.
   renumber: dict[int, int] = {}
@@ -512,9 +514,9 @@ def calibrate(
       raise ValueError(f"calibration batch {i} has structure {jax.tree.structure(args)}; batch 0 "
                        f"has {structure}: every batch must pass the same arguments")
   runner = _Runner(model, variables, types, where)
-  kinds = runner.module_paths()
-  layers = _discover(runner, runner.params, batches[0], kinds)
-  missing = sorted(set(kinds) - {l.path for l in layers})
+  present = runner.module_paths()  # nnx only: linen submodules exist only while running
+  layers = _discover(runner, runner.params, batches[0])
+  missing = sorted(set(present) - {l.path for l in layers})
   if missing:
     raise ValueError(
         f"calibrate: layers {missing} have no statistics: the model never called them on the "
