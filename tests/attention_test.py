@@ -54,6 +54,26 @@ def inputs(key, batch, t, heads, kv_heads, dim, dtype):
   return q, k, v, cotangent
 
 
+@jax.jit
+def _visible(layout):
+  return sja.dense_mask(layout).any(-1)
+
+
+@jax.jit
+def _reference(q, k, v, cotangent, layout):
+  """Gradients of q, k, v and the output of the reference, in float32.
+
+  Jitted once for the module, the layout an argument: tests of one shape share
+  one compile (eager, each op would compile).
+  """
+  def loss(q, k, v):
+    out = sja.block_sparse_attention(q, k, v, layout, implementation="reference")
+    return jnp.sum(out * cotangent), out
+
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(*f32)
+
+
 def check(impl, q, k, v, cotangent, layout, interpret, empty_rows=False):
   """Forward and gradients of `impl` against the float32 reference, under jit.
 
@@ -62,7 +82,8 @@ def check(impl, q, k, v, cotangent, layout, interpret, empty_rows=False):
   compared with 0). Returns the output and the gradients of q, k and v.
   """
   make = layout if callable(layout) else lambda q, k: layout
-  visible = np.asarray(sja.dense_mask(make(q, k))).any(-1)
+  built = jax.jit(layout)(q, k) if callable(layout) else layout  # what `make` builds in the jit
+  visible = np.asarray(_visible(built))
   assert empty_rows or visible.all(), "a query row sees no key: the test could pass vacuously"
 
   def loss(impl, q, k, v):
@@ -72,8 +93,7 @@ def check(impl, q, k, v, cotangent, layout, interpret, empty_rows=False):
 
   grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
   (dq, dk, dv), out = grad(impl, q, k, v)
-  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  (rq, rk, rv), ref = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)("reference", *f32)
+  (rq, rk, rv), ref = _reference(q, k, v, cotangent, built)
   assert out.shape == q.shape and out.dtype == q.dtype
   for got, want in [(dq, rq), (dk, rk), (dv, rv)]:
     assert got.shape == want.shape and got.dtype == q.dtype
