@@ -27,6 +27,21 @@ def random_layout(rng, grid, density):
   return layout
 
 
+@jax.jit
+def _reference(x, w, cotangent):
+  """Gradients of x and the block values and the output of the reference, in float32.
+
+  Jitted once for the module, the matrix an argument: checks of one shape share
+  one compile (eager, each op would compile).
+  """
+  def reference_loss(x, values):
+    y = reference.block_sparse_matmul(x, w._replace(values=values))
+    return jnp.sum(y * cotangent), y
+
+  return jax.grad(reference_loss, argnums=(0, 1), has_aux=True)(
+      x.astype(jnp.float32), w.values.astype(jnp.float32))
+
+
 def check(impl, x, w, cotangent, interpret, block_m=None):
   """Forward and gradients of `impl` against the float32 reference, under jit."""
 
@@ -35,14 +50,9 @@ def check(impl, x, w, cotangent, interpret, block_m=None):
                                       interpret=interpret, block_m=block_m)
     return jnp.sum(y.astype(jnp.float32) * cotangent), y
 
-  def reference_loss(x, values):
-    y = reference.block_sparse_matmul(x, w._replace(values=values))
-    return jnp.sum(y * cotangent), y
-
   grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
   (dx, dv), y = grad(impl, x, w.values)
-  x32, v32 = x.astype(jnp.float32), w.values.astype(jnp.float32)
-  (rx, rv), ref = jax.grad(reference_loss, argnums=(0, 1), has_aux=True)(x32, v32)
+  (rx, rv), ref = _reference(x, w, cotangent)
   assert y.shape == ref.shape and y.dtype == x.dtype
   assert dx.shape == x.shape and dx.dtype == x.dtype
   assert dv.shape == w.values.shape and dv.dtype == w.values.dtype
@@ -57,14 +67,14 @@ def check(impl, x, w, cotangent, interpret, block_m=None):
   return y
 
 
-def case(key, m, k, n, block, density, dtype, seed=0):
+def case(m, k, n, block, density, dtype, seed=0):
+  """x, w, a cotangent and the layout; host random values (no compile per new shape)."""
   rng = np.random.default_rng(seed)
   layout = random_layout(rng, (k // block[0], n // block[1]), density)
-  kx, kw, kc = jax.random.split(key, 3)
-  w = sj.matmul.BlockSparseMatrix.from_dense(jax.random.normal(kw, (k, n)).astype(dtype), layout)
-  x = jax.random.normal(kx, (m, k)).astype(dtype)
-  cotangent = jax.random.normal(kc, (m, n), jnp.float32)
-  return x, w, cotangent, layout
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+  w = sj.matmul.BlockSparseMatrix.from_dense(normal(k, n).astype(dtype), layout)
+  x = normal(m, k).astype(dtype)
+  return x, w, normal(m, n), layout
 
 
 class TestXLA:
@@ -80,7 +90,7 @@ class TestXLA:
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
   def test_matches_reference(self, density, dtype):
     bk, bn = self.BLOCK
-    x, w, ct, _ = case(jax.random.key(0), 24, 4 * bk, 3 * bn, self.BLOCK, density, dtype)
+    x, w, ct, _ = case(24, 4 * bk, 3 * bn, self.BLOCK, density, dtype)
     check(self.IMPLEMENTATION, x, w, ct, self.INTERPRET, self.BLOCK_M)
 
   def test_leading_dims_and_empty_columns(self):
@@ -134,8 +144,7 @@ class TestPallasTPUInterpret(TestPallasTPU):
     density=st.floats(0.05, 1.0), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
     seed=st.integers(0, 1000))
 def test_random_shapes(implementation, bk, bn, grid, m, density, dtype, seed):
-  x, w, ct, _ = case(jax.random.key(seed), m, grid[0] * bk, grid[1] * bn, (bk, bn), density,
-                     dtype, seed)
+  x, w, ct, _ = case(m, grid[0] * bk, grid[1] * bn, (bk, bn), density, dtype, seed)
   check(implementation, x, w, ct, True, 16)
 
 
