@@ -80,6 +80,9 @@ def test_strided_shards_cover_the_causal_context():
   np.testing.assert_array_equal(union, causal)
 
 
+_dense_mask = jax.jit(sja.dense_mask)  # one compile per layout shape, not per eager op
+
+
 @hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(
     block_q=st.sampled_from([8, 16, 32]), block_kv=st.sampled_from([8, 16, 32]),
@@ -95,12 +98,12 @@ def test_layout_is_exact(block_q, block_kv, density, blockiness, seed):
   layout = sja.make_layout(mask, num_heads=2, block_q=block_q, block_kv=block_kv)
   tiles = array.reshape(shape[0] // block_q, block_q, shape[1] // block_kv, block_kv)
   active = tiles.any(axis=(1, 3))
-  np.testing.assert_array_equal(np.asarray(layout.num_kv[0]), active.sum(1))
-  np.testing.assert_array_equal(np.asarray(layout.num_q[0]), active.sum(0))
+  np.testing.assert_array_equal(np.asarray(layout.num_kv)[0], active.sum(1))
+  np.testing.assert_array_equal(np.asarray(layout.num_q)[0], active.sum(0))
+  kv_index = np.asarray(layout.kv_index)  # indexed on the host: no compile per slice
   for i in range(active.shape[0]):
-    np.testing.assert_array_equal(np.asarray(layout.kv_index[0, i, :active[i].sum()]),
-                                  np.nonzero(active[i])[0])
-  np.testing.assert_array_equal(np.asarray(sja.dense_mask(layout)[0]), array)
+    np.testing.assert_array_equal(kv_index[0, i, :active[i].sum()], np.nonzero(active[i])[0])
+  np.testing.assert_array_equal(np.asarray(_dense_mask(layout))[0], array)
   assert layout.head_row.shape == (1, 2) and int(layout.head_row.max()) == 0  # shared row
 
 
@@ -122,8 +125,9 @@ def test_layout_bad_input():
 
 
 def test_topk_layout_routes_by_pooled_scores():
-  q = jax.random.normal(jax.random.key(0), (2, T, 4, 8))
-  k = jax.random.normal(jax.random.key(1), (2, T, 2, 8))
+  rng = np.random.default_rng(0)  # host values: jax.random.normal compiles per shape
+  q = jnp.asarray(rng.standard_normal((2, T, 4, 8), np.float32))
+  k = jnp.asarray(rng.standard_normal((2, T, 2, 8), np.float32))
   layout = jax.jit(lambda q, k: sja.topk_layout(q, k, block_q=16, block_kv=16, k_blocks=2))(q, k)
   assert layout.head_row.shape == (2, 4) and layout.kv_index.shape == (8, 4, 2)
   np.testing.assert_array_equal(layout.num_kv, 2)
@@ -133,7 +137,7 @@ def test_topk_layout_routes_by_pooled_scores():
   best = np.sort(np.argsort(-scores, axis=-1, kind="stable")[..., :2], axis=-1)
   np.testing.assert_array_equal(np.asarray(layout.kv_index).reshape(2, 4, 4, 2), best)
   causal = sja.topk_layout(q, k, block_q=16, block_kv=16, k_blocks=3, causal=True)
-  dense = np.asarray(sja.dense_mask(causal))
+  dense = np.asarray(_dense_mask(causal))
   assert not np.any(dense & ~np.tril(np.ones((T, T), bool)))
   assert np.all(np.diagonal(dense, axis1=1, axis2=2))  # the diagonal block is always read
   with pytest.raises(ValueError, match=re.escape("k_blocks=9 must be in [1, 4]")):
