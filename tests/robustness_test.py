@@ -48,7 +48,7 @@ def grads_like(params, seed=0):
 def magnitude_tx():
   tx = sj.sparsify(optax.adam(1e-2), sj.magnitude(0.5, update_every=2))
   params = make_params()
-  return tx, params, tx.init(params)
+  return tx, params, jax.jit(tx.init)(params)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -1002,7 +1002,9 @@ def test_invariants_on_random_pytrees(data):
   shapes = data.draw(st.lists(st.tuples(rows, st.integers(1, 12)), min_size=1, max_size=3),
                      label="shapes")
   method, kept, is_update_step = _build(family, data, sparsity, update_every)
-  params = {f"layer{i}": {"kernel": jax.random.normal(jax.random.key(i), s),
+  # Host random values: jax.random.normal would compile for every new shape.
+  normal = lambda rng, shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+  params = {f"layer{i}": {"kernel": normal(np.random.default_rng(i), s),
                           "bias": jnp.zeros(s[1])} for i, s in enumerate(shapes)}
   # Steps large enough to reorder the weights; the random gradients reach
   # every entry, so only the wrapper keeps inactive ones (and their moments) at 0.
@@ -1013,9 +1015,7 @@ def test_invariants_on_random_pytrees(data):
     params = sj.apply_masks(params, sj.get_masks(state))
 
   @jax.jit
-  def step(params, state, seed):
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(seed, p.size), p.shape),
-                         params)
+  def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -1023,7 +1023,9 @@ def test_invariants_on_random_pytrees(data):
   masks = sj.get_masks(state)
   for t in range(n_steps):
     previous = masks
-    params, state = step(params, state, jax.random.key(100 + t))
+    rng = np.random.default_rng(100 + t)
+    grads = jax.tree.map(lambda p: normal(rng, p.shape), params)  # pylint: disable=cell-var-from-loop
+    params, state = step(params, state, grads)
     history.append(params)
     masks = sj.get_masks(state)
     assert int(state.count) == t + 1  # the masks of step t + 1
