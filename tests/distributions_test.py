@@ -129,8 +129,8 @@ def test_distribution_bad_input():
 
 def test_kept_counts_are_exact_at_the_ends_for_huge_leaves():
   n = 2**24 + 1  # not representable in float32
-  assert int(distributions._kept(jnp.float32(1.0), n)) == n  # pylint: disable=protected-access
-  assert int(distributions._kept(jnp.float32(0.0), n)) == 0  # pylint: disable=protected-access
+  assert int(distributions.kept(jnp.float32(1.0), n)) == n
+  assert int(distributions.kept(jnp.float32(0.0), n)) == 0
 
 
 def test_erk_equals_uniform_when_ratios_are_equal():
