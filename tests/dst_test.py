@@ -11,10 +11,14 @@ import pytest
 import sparsejax as sj
 
 
+def normal(seed, shape):
+  """Host random values: jax.random.normal would compile for every new shape."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 def make_params(key=0):
-  k = jax.random.split(jax.random.key(key), 3)
-  return {"d0": {"kernel": jax.random.normal(k[0], (16, 32)), "bias": jnp.zeros(32)},
-          "d1": {"kernel": jax.random.normal(k[1], (32, 8)) * 0.5}}
+  return {"d0": {"kernel": normal((key, 0), (16, 32)), "bias": jnp.zeros(32)},
+          "d1": {"kernel": normal((key, 1), (32, 8)) * 0.5}}
 
 
 def loss_fn(params, x):
@@ -37,7 +41,7 @@ def run(method, inner=None, steps=12, params=None, seed=0):
 
   history = [(params, sj.get_masks(state), None, state)]
   for i in range(steps):
-    x = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (16, 16))
+    x = normal((seed, i), (16, 16))
     params, state, grads = step(params, state, x)
     history.append((params, sj.get_masks(state), grads, state))
   return history
@@ -266,9 +270,9 @@ def test_granet_reaches_final_sparsity_off_the_update_grid():
 
 
 def test_srigl_keeps_its_budget_across_ablations():
-  params = {"d0": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 8, 16)),
+  params = {"d0": {"kernel": normal(1, (3, 3, 8, 16)),
                    "bias": jnp.zeros(16)},
-            "d1": {"kernel": jax.random.normal(jax.random.key(2), (72, 10))}}
+            "d1": {"kernel": normal(2, (72, 10))}}
   method = sj.srigl(0.9, end_step=9, update_every=2, drop_fraction=1.0, ablation_threshold=1.0,
                     key=jax.random.key(0))
   tx = sj.sparsify(optax.sgd(0.1), method)
@@ -276,7 +280,7 @@ def test_srigl_keeps_its_budget_across_ablations():
   budgets = [int(sj.get_masks(state)[k]["kernel"].sum()) for k in ("d0", "d1")]
   update = jax.jit(tx.update)
   for i in range(9):
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+    grads = jax.tree.map(lambda p: normal(i, p.shape), params)  # pylint: disable=cell-var-from-loop
     _, state = update(grads, state, params)
     for name, budget in zip(("d0", "d1"), budgets):
       mask = np.asarray(sj.get_masks(state)[name]["kernel"]).reshape(-1, 10 if name == "d1" else 16)
