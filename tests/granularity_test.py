@@ -12,6 +12,11 @@ import sparsejax as sj
 from sparsejax import matmul as sjm
 
 
+def normal(seed, shape):
+  """Host random values: jax.random.normal would compile for every new shape."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 def test_block_topk_keeps_blocks_with_largest_mean():
   w = jnp.zeros((4, 6)).at[0:2, 2:4].set(5.0).at[2:4, 4:6].set(3.0).at[0:2, 0:2].set(-9.0)
   masks = sj.masks_from_scores({"w": jnp.abs(w)}, 4 / 6, granularity=sj.Block((2, 2)), distribution="uniform")  # 2 of 6 blocks
@@ -24,8 +29,8 @@ def test_block_topk_keeps_blocks_with_largest_mean():
 
 @pytest.mark.parametrize("reduce", ["mean", "max"])
 def test_block_counts_are_exact_in_units(reduce):
-  params = {"a": jax.random.normal(jax.random.key(0), (32, 48)),
-            "b": jax.random.normal(jax.random.key(1), (3, 3, 16, 32))}
+  params = {"a": normal(0, (32, 48)),
+            "b": normal(1, (3, 3, 16, 32))}
   masks = sj.init_masks(params, 0.7, distribution="erk", key=jax.random.key(2), granularity=sj.Block((8, 16), reduce))
   densities = sj.ERK().densities([(32, 48), (3, 3, 16, 32)], 0.7)
   for (name, m), density, units in zip(masks.items(), densities, [12, 3 * 3 * 2 * 2]):
@@ -43,12 +48,12 @@ def test_channel_masks_whole_columns():
 
 
 def test_magnitude_with_blocks_trains_with_exact_blocks():
-  params = {"w": jax.random.normal(jax.random.key(0), (16, 32))}
+  params = {"w": normal(0, (16, 32))}
   tx = sj.sparsify(optax.adam(1e-2), sj.magnitude(0.75, update_every=2, granularity=sj.Block((4, 8))))
   state = tx.init(params)
   update = jax.jit(tx.update)
   for i in range(6):
-    grads = {"w": jax.random.normal(jax.random.key(i), (16, 32))}
+    grads = {"w": normal(i, (16, 32))}
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
     layout = sjm.block_layout(sj.get_masks(state)["w"], (4, 8))  # raises if a tile is mixed
