@@ -1,6 +1,8 @@
 """The README's main example runs end to end (a short run)."""
 
 import atexit
+import functools
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -18,8 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # run then compiles only what is new to it. Per process, so no two writers
 # share it (xdist workers get one each); executables are keyed by their HLO,
 # so a changed library or example recompiles.
-_CACHE = tempfile.mkdtemp(prefix="sparsejax-examples-jax-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+_TMP = tempfile.mkdtemp(prefix="sparsejax-examples-")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+_CACHE = os.path.join(_TMP, "jax_cache")
 _CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": _CACHE,
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
@@ -35,12 +39,31 @@ def run_example(name, *flags, cwd):
   return result.stdout
 
 
+@functools.cache
+def digits_npz():
+  """The examples' digits split, saved once as an .npz for --dataset=npz.
+
+  The runs then skip importing scikit-learn, and the example's npz path is
+  exercised; values are in [0, 1], which the npz loader keeps as they are.
+  """
+  spec = importlib.util.spec_from_file_location("_examples_common",
+                                                ROOT / "examples" / "_common.py")
+  common = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(common)
+  x_train, y_train, x_test, y_test = common.load_data("digits", seed=0)
+  path = os.path.join(_TMP, "digits.npz")
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  return path
+
+
 @pytest.mark.parametrize("method", ["dense", "static_random", "magnitude", "snip",
                                     "set_evolution", "rigl", "granet", "srigl", "n_m"])
 def test_train_mlp_runs(method, tmp_path):
   plot = tmp_path / "curve.png"
   out = run_example("train_mlp.py", f"--method={method}", "--epochs=3", "--sparsity=0.8",
-                    "--plot", f"--plot_path={plot}", cwd=tmp_path)
+                    "--dataset=npz", f"--data_path={digits_npz()}", "--plot",
+                    f"--plot_path={plot}", cwd=tmp_path)
+  assert "on npz: 1437 train / 360 test" in out  # the digits split
   assert "epoch   3" in out and "final test accuracy" in out
   accuracy = float(out.split("final test accuracy:")[1].split()[0])
   assert accuracy > 0.5  # 10 classes: chance is 0.1
