@@ -83,7 +83,7 @@ def test_strided_shards_cover_the_causal_context():
 _dense_mask = jax.jit(sja.dense_mask)  # one compile per layout shape, not per eager op
 
 
-@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.settings(max_examples=15, deadline=None)
 @hypothesis.given(
     block_q=st.sampled_from([8, 16, 32]), block_kv=st.sampled_from([8, 16, 32]),
     density=st.floats(0.0, 1.0), blockiness=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))

@@ -92,12 +92,12 @@ METHODS = {
 # One entry per method (the others vary distributions and estimators).
 FAMILIES = ("static_random_erk", "magnitude_global", "snip_global", "set_erk", "rigl_block",
             "granet_dense_to_sparse", "n_m_sr_ste", "srigl")
-# FAMILIES and the entries whose schedule, estimator or granularity differs
-# from their family's: the state's types could differ there. The others change
-# only the distribution, which sets which entries are kept, not the state (their
-# states match their family's leaf for leaf).
+# FAMILIES and the entries whose schedules or granularity differ from their
+# family's: the state's types could differ there. The others change only the
+# distribution, which sets which entries are kept, or (n_m hard and ste) the
+# constant gradient scale and decay; their states match their family's leaf for leaf.
 STATE_VARIANTS = FAMILIES + ("magnitude_one_shot", "rigl_uniform", "granet_sparse_to_sparse",
-                             "n_m_hard", "n_m_ste", "n_m_decay")
+                             "n_m_decay")
 
 OPTIMIZERS = {
     "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
