@@ -64,8 +64,7 @@ def check_rule(owner: str, sparsity: Any, pattern: Any, group: str) -> Any:
 
 def check_sparsity(sparsity: Any) -> None:
   """A float in [0, 1), or a tree of them (per-layer sparsities)."""
-  if isinstance(sparsity, (int, float, np.integer, np.floating)) or (
-      isinstance(sparsity, jax.Array) and sparsity.ndim == 0):
+  if is_scalar(sparsity):
     _checks.fraction("sparsity", sparsity, schedule=False)
     return
   if callable(sparsity):
@@ -92,14 +91,24 @@ def select(scores: jax.Array, sparsity: jax.Array, pattern: Any, group: str) -> 
   """Mask [d_in, d_out] keeping the highest `scores` with the rule's exact counts."""
   if isinstance(pattern, tuple):
     return n_m_masks.n_m_mask(scores, pattern[0], pattern[1], axis=0)
-  units = pattern.pool(scores) if isinstance(pattern, granularities.Block) else scores
-  if group == "output":
-    kept = selection.topk_columns(units, distributions.kept(1.0 - sparsity, units.shape[0]))
-  else:
-    kept = topk.topk_mask(units, distributions.kept(1.0 - sparsity, units.size))
-  if isinstance(pattern, granularities.Block):
-    return pattern.expand(kept, scores.shape)
-  return kept
+  rows, size = (pattern.units(scores.shape) if isinstance(pattern, granularities.Block)
+                else scores.shape)
+  units = rows if group == "output" else rows * size
+  return select_count(scores, distributions.kept(1.0 - sparsity, units), pattern, group)
+
+
+def select_count(scores: jax.Array, k: jax.Array, pattern: Any, group: str) -> jax.Array:
+  """Mask keeping `k` units (tiles for a Block): per output column of units, or in the layer."""
+  block = pattern if isinstance(pattern, granularities.Block) else None
+  units = block.pool(scores) if block else scores
+  kept = selection.topk_columns(units, k) if group == "output" else topk.topk_mask(units, k)
+  return block.expand(kept, scores.shape) if block else kept
+
+
+def is_scalar(sparsity: Any) -> bool:
+  """One sparsity for every layer (a number or a 0-d array), not a per-layer tree."""
+  return isinstance(sparsity, (int, float, np.integer, np.floating)) or (
+      isinstance(sparsity, jax.Array) and sparsity.ndim == 0)
 
 
 def as_params(params: Any) -> Any:
@@ -121,8 +130,7 @@ def layer_sparsities(owner: str, sparsity: Any, layers) -> dict[str, Any]:
   """Sparsity per layer path: one float for all, or read (by path) from a per-layer tree."""
   if sparsity is None:
     return {l.path: None for l in layers}
-  if not isinstance(sparsity, (dict, list, tuple)) and not hasattr(sparsity, "items") and (
-      jnp.ndim(sparsity) == 0):
+  if is_scalar(sparsity):
     return {l.path: sparsity for l in layers}
   found = {pytree.path_str(p): s for p, s in pytree.flatten(sparsity)[0]}
   paths = {l.path for l in layers}

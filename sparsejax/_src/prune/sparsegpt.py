@@ -15,8 +15,6 @@ from sparsejax._src import calibration as calibration_lib
 from sparsejax._src import distributions
 from sparsejax._src import granularity as granularities
 from sparsejax._src import n_m_masks
-from sparsejax._src import selection
-from sparsejax._src import topk
 from sparsejax._src.prune import common
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -66,14 +64,6 @@ def sparsegpt_matrix(w, gram, sparsity, dampening, *, pattern, group, block_size
     units_per_row = 1 if group == "output" else (d_out // block.block_shape[1] if block else d_out)
     counts = _chunk_counts(sparsity, d_in, b, units_per_row, unit_rows)
 
-  def chunk_mask(scores, k):
-    units = block.pool(scores) if block else scores
-    if group == "output":
-      kept = selection.topk_columns(units, k)
-    else:
-      kept = topk.topk_mask(units, k)
-    return block.expand(kept, scores.shape) if block else kept
-
   def chunk(c, carry):
     w, mask = carry
     i1 = c * b
@@ -85,7 +75,7 @@ def sparsegpt_matrix(w, gram, sparsity, dampening, *, pattern, group, block_size
       mask1 = jnp.zeros((b, d_out), jnp.bool_)
     else:
       scores = jnp.where(real1[:, None], w1 ** 2 / d1[:, None] ** 2, -jnp.inf)
-      mask1 = chunk_mask(scores, counts[c])
+      mask1 = common.select_count(scores, counts[c], pattern, group)
 
     def column(i, inner):
       # Row i as updated by the errors of rows < i of this chunk: w1[i] - u1[:i, i] @ err1[:i]

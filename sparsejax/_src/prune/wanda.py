@@ -18,6 +18,21 @@ def _layer_mask(w, norms, sparsity, *, pattern, group, activations):
   return common.select(scores, sparsity, pattern, group)
 
 
+def _score_rule(owner, params, calibration, sparsity, pattern, group, sequential, *,
+                activations):
+  """Masks from ``|W|`` (times ``||X_j||`` with `activations`), no weight update."""
+  pattern = common.check_rule(owner, sparsity, pattern, group)
+  common.check_calibration(owner, calibration)
+
+  def prune_layer(layer, w, stats, s, mask):
+    del layer, mask
+    return _layer_mask(w, stats.norms(), s, pattern=pattern, group=group,
+                       activations=activations), None
+
+  return common.run(owner, params, calibration, prune_layer, sparsity=sparsity,
+                    pattern=pattern, sequential=sequential)[0]
+
+
 def wanda(
     params: Any,
     calibration: calibration_lib.Calibration,
@@ -53,16 +68,8 @@ def wanda(
     >>> masks = sj.prune.wanda(model, sj.calibrate(model, batches), sparsity=0.5)
     >>> params = sj.apply_masks(nnx.state(model, nnx.Param), masks)
   """
-  owner = "sj.prune.wanda"
-  pattern = common.check_rule(owner, sparsity, pattern, group)
-  common.check_calibration(owner, calibration)
-
-  def prune_layer(layer, w, stats, s, mask):
-    del layer, mask
-    return _layer_mask(w, stats.norms(), s, pattern=pattern, group=group, activations=True), None
-
-  return common.run(owner, params, calibration, prune_layer, sparsity=sparsity,
-                    pattern=pattern, sequential=sequential)[0]
+  return _score_rule("sj.prune.wanda", params, calibration, sparsity, pattern, group,
+                     sequential, activations=True)
 
 
 def magnitude(
@@ -92,14 +99,5 @@ def magnitude(
   Example:
     >>> masks = sj.prune.magnitude(model, calibration, pattern=(2, 4))
   """
-  owner = "sj.prune.magnitude"
-  pattern = common.check_rule(owner, sparsity, pattern, group)
-  common.check_calibration(owner, calibration)
-
-  def prune_layer(layer, w, stats, s, mask):
-    del layer, mask
-    return _layer_mask(w, stats.norms(), s, pattern=pattern, group=group,
-                       activations=False), None
-
-  return common.run(owner, params, calibration, prune_layer, sparsity=sparsity,
-                    pattern=pattern, sequential=False)[0]
+  return _score_rule("sj.prune.magnitude", params, calibration, sparsity, pattern, group,
+                     False, activations=False)
