@@ -5,6 +5,8 @@ Example:
   >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(1024, 0))
   >>> layout = sja.make_layout(mask, num_heads=H, block_q=128, block_kv=128)
   >>> out = sja.block_sparse_attention(q, k, v, layout, implementation="pallas")
+  >>> docs = sja.block_sparse_attention(q, k, v, layout, q_segment_ids=ids,
+  ...                                   score_mod=lambda s, b, h, i, j: 30 * jnp.tanh(s / 30))
 """
 
 from sparsejax._src.attention.api import IMPLEMENTATIONS as IMPLEMENTATIONS
@@ -24,6 +26,7 @@ from sparsejax._src.attention.masks import MultiHeadMask as MultiHeadMask
 from sparsejax._src.attention.masks import NumpyMask as NumpyMask
 from sparsejax._src.attention.masks import StridedShardMask as StridedShardMask
 from sparsejax._src.attention.masks import VerticalSlashMask as VerticalSlashMask
+from sparsejax._src.attention.segments import segment_layout as segment_layout
 
 __all__ = (
     "AShapeMask",
@@ -42,5 +45,6 @@ __all__ = (
     "block_sparse_attention",
     "dense_mask",
     "make_layout",
+    "segment_layout",
     "topk_layout",
 )

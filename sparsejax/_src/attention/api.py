@@ -6,11 +6,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from sparsejax._src import _checks
 from sparsejax._src.attention import layout as layout_lib
+from sparsejax._src.attention import mods as mods_lib
 from sparsejax._src.attention import pallas_gpu
 from sparsejax._src.attention import pallas_tpu
 from sparsejax._src.attention import reference
+from sparsejax._src.attention import segments
 from sparsejax._src.attention import xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
@@ -56,8 +60,38 @@ def default_implementation(layout: layout_lib.Layout) -> str:
   return "xla"
 
 
+def _max_pairs(layout: layout_lib.Layout) -> int | None:
+  """The most active block pairs of any row of a concrete layout (a static bound)."""
+  if not _checks.is_concrete(layout.num_kv):
+    return None
+  return max(int(np.asarray(layout.num_kv).sum(-1).max()), 1)
+
+
+def _check_mods(q, score_mod, sinks):
+  if score_mod is not None and not callable(score_mod):
+    raise ValueError(f"score_mod must be a function (score, batch, head, q_idx, kv_idx) -> "
+                     f"score, got {type(score_mod).__name__}")
+  if score_mod is not None:  # the shapes a kernel passes: a block of scores, scalar ids
+    arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    mods_lib.trace(score_mod, jax.ShapeDtypeStruct((2, 2), jnp.float32), arg(), arg(),
+                   arg(2, 1), arg(1, 2))
+  if sinks is None:
+    return None
+  heads = q.shape[2]
+  if (not hasattr(sinks, "shape") or tuple(sinks.shape) != (heads,)
+      or not jnp.issubdtype(sinks.dtype, jnp.floating)):
+    raise ValueError(f"sinks must be a float array of shape (heads,) = ({heads},), got "
+                     f"{getattr(sinks, 'dtype', type(sinks).__name__)}"
+                     f"{list(getattr(sinks, 'shape', ()))}")
+  return jnp.asarray(sinks, jnp.float32)
+
+
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.Layout,
-                           *, implementation: str | None = None, sm_scale: float | None = None,
+                           *, q_segment_ids: jax.Array | None = None,
+                           kv_segment_ids: jax.Array | None = None,
+                           score_mod: mods_lib.ScoreMod | None = None,
+                           sinks: jax.Array | None = None,
+                           implementation: str | None = None, sm_scale: float | None = None,
                            interpret: bool | None = None) -> jax.Array:
   """Softmax attention restricted to a block-sparse layout.
 
@@ -66,6 +100,21 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
     k: [batch, kv_len, kv_heads, head_dim], kv_heads dividing heads (GQA/MQA).
     v: like k.
     layout: from `make_layout` (a mask) or `topk_layout` (content-routed).
+    q_segment_ids: int[batch, q_len]: packed documents; query ``i`` sees key
+      ``j`` only if ``q_segment_ids[b, i] == kv_segment_ids[b, j]`` (and the
+      layout allows it). The layout is narrowed inside jit to the blocks where
+      segments meet (`segment_layout`), keeping its list lengths.
+    kv_segment_ids: int[batch, kv_len]; default q_segment_ids (q_len == kv_len).
+    score_mod: ``score_mod(score, batch, head, q_idx, kv_idx) -> score``, a
+      traced elementwise function of the float32 scaled scores and int32
+      indices (broadcastable arrays, not scalars), applied before masking in
+      every implementation, forward and backward. Arrays it captures get
+      gradients (a learned bias table). Write it with jnp ops that index
+      captured arrays by the indices it is given, e.g. soft-capping
+      ``lambda s, b, h, q, kv: cap * jnp.tanh(s / cap)``, ALiBi
+      ``lambda s, b, h, q, kv: s - slopes[h] * (q - kv)``.
+    sinks: float[heads]: per-head sink logits that join every row's softmax
+      denominator (attention sinks, as in splash attention); differentiable.
     implementation: "reference" (dense masked softmax in float32, the
       oracle), "xla" (jnp over the active blocks only), "pallas" (the Pallas
       kernel of the default backend: "pallas_triton" on GPU and in
@@ -91,8 +140,16 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
     >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(256, 0))
     >>> layout = sja.make_layout(mask, num_heads=H, block_q=128, block_kv=128)
     >>> out = sja.block_sparse_attention(q, k, v, layout)
+    >>> docs = sja.block_sparse_attention(q, k, v, layout, q_segment_ids=ids)
   """
   _check(q, k, v, layout)
+  sinks = _check_mods(q, score_mod, sinks)
+  q_ids, kv_ids = segments.check_ids(q_segment_ids, kv_segment_ids, q.shape[0], q.shape[1],
+                                     k.shape[1])
+  max_pairs = _max_pairs(layout)
+  if q_ids is not None:
+    layout = segments.segment_layout(layout, q_ids, kv_ids)
+  mods = mods_lib.Mods(score_mod, sinks, q_ids, kv_ids, max_pairs)
   if implementation is None:
     implementation = default_implementation(layout)
   if implementation not in IMPLEMENTATIONS:
@@ -111,9 +168,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
   if implementation == "pallas":
     implementation = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_triton"
   if implementation == "reference":
-    return reference.attention_reference(q, k, v, layout, sm_scale)
+    return reference.attention_reference(q, k, v, layout, sm_scale, mods)
   if implementation == "xla":
-    return xla.attention_xla(q, k, v, layout, sm_scale)
+    return xla.attention_xla(q, k, v, layout, sm_scale, mods)
   kernel = pallas_tpu if implementation == "pallas_tpu" else pallas_gpu
   return kernel.block_sparse_attention(q, k, v, layout, sm_scale, kernel.BlockSizes.get_default(),
-                                       bool(interpret))
+                                       bool(interpret), mods)

@@ -189,8 +189,13 @@ def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: in
   return _cached_layout(head_masks, int(block_q), int(block_kv))
 
 
-def dense_mask(layout: Layout) -> jax.Array:
-  """bool[rows, q_len, kv_len]: the element mask a layout encodes (traceable)."""
+def block_tables(layout: Layout) -> tuple[jax.Array, jax.Array]:
+  """The block tables a layout's lists encode (traceable; the inverse of `from_blocks`).
+
+  Returns:
+    (active bool[rows, q_blocks, kv_blocks], partial index int32[rows,
+    q_blocks, kv_blocks]: -1 where fully visible or inactive).
+  """
   rows, nq, max_kv = layout.kv_index.shape
   nk = layout.num_q.shape[1]
   valid = jnp.arange(max_kv)[None, None, :] < layout.num_kv[..., None]
@@ -200,6 +205,13 @@ def dense_mask(layout: Layout) -> jax.Array:
   active = jnp.zeros((rows, nq, nk), bool).at[r, q, layout.kv_index].max(valid)
   pidx = jnp.full((rows, nq, nk), -1, jnp.int32).at[r, q, layout.kv_index].max(
       jnp.where(valid, layout.kv_partial, -1))
+  return active, pidx
+
+
+def dense_mask(layout: Layout) -> jax.Array:
+  """bool[rows, q_len, kv_len]: the element mask a layout encodes (traceable)."""
+  rows, nq, _ = layout.kv_index.shape
+  active, pidx = block_tables(layout)
   blocks = jnp.where(pidx[..., None, None] >= 0,
                      layout.partial[jnp.maximum(pidx, 0)], active[..., None, None])
   blocks = blocks & active[..., None, None]

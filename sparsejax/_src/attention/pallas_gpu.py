@@ -23,6 +23,7 @@ from sparsejax._src import _checks
 from sparsejax._src import pallas_common
 from sparsejax._src.attention import block_lists
 from sparsejax._src.attention import layout as layout_lib
+from sparsejax._src.attention import mods as mods_lib
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 
@@ -241,7 +242,7 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
-def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret):
+def _attention(q, k, v, layout, sm_scale, block_sizes, interpret):
   """Block-sparse attention with Pallas GPU kernels (Triton backend).
 
   Args:
@@ -280,5 +281,13 @@ def _bwd(sm_scale, block_sizes, interpret, residuals, do):
   return dq[..., :dim], dk[..., :dim], dv[..., :dim], None
 
 
-block_sparse_attention.defvjp(_fwd, _bwd)
+_attention.defvjp(_fwd, _bwd)
+
+
+def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret,
+                           mods: mods_lib.Mods = mods_lib.NONE):
+  """The public entry (see `_attention`); `mods` as in `mods.Mods`."""
+  if not mods.empty:
+    raise NotImplementedError("segment ids, score_mod and sinks: not yet in this kernel")
+  return _attention(q, k, v, layout, sm_scale, block_sizes, interpret)
 

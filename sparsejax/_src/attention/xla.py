@@ -22,6 +22,7 @@ import numpy as np
 from sparsejax._src import _checks
 from sparsejax._src.attention import block_lists
 from sparsejax._src.attention import layout as layout_lib
+from sparsejax._src.attention import mods as mods_lib
 
 
 def _pairs(layout: layout_lib.Layout):
@@ -47,7 +48,7 @@ def _pairs(layout: layout_lib.Layout):
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.Layout,
-                  sm_scale: float) -> jax.Array:
+                  sm_scale: float, mods: mods_lib.Mods = mods_lib.NONE) -> jax.Array:
   """Block-sparse attention that computes only the active (query, key) block pairs.
 
   Args:
@@ -59,6 +60,8 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.L
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype; 0 in rows with no visible key.
   """
+  if not mods.empty:
+    raise NotImplementedError("segment ids, score_mod and sinks: not yet in the xla path")
   batch, q_len, heads, dim = q.shape
   if batch == 0:
     return jnp.zeros(q.shape, q.dtype)
