@@ -109,3 +109,71 @@ def sink_grad(sinks: jax.Array, lse: jax.Array, delta: jax.Array) -> jax.Array:
   """
   p_sink = jnp.exp(sinks[None, :, None] - lse)  # the sink's share of each row's softmax
   return -jnp.sum(p_sink * delta, axis=(0, 2))
+
+
+def const_grads(fn, consts, q, k, v, do, lse, delta, layout, sm_scale, q_segment_ids,
+                kv_segment_ids):
+  """d loss / d consts of a traced score_mod, over each (batch, head)'s active blocks, in XLA.
+
+  For kernels whose backward computes dq, dk and dv: ``ds = p * (dp - delta)``
+  of every active block, pulled back through `fn` to the arrays it captures.
+
+  Args:
+    fn, consts: from `trace` at block shapes ``score [block_q, block_kv]``,
+      scalar batch and head, ``q_idx [block_q, 1]``, ``kv_idx [1, block_kv]``.
+    q, do: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
+    lse, delta: float32[batch, heads, q_len] (lse with the sink, if any).
+    layout: the layout the kernels ran (segment-derived if there are segments).
+    sm_scale: softmax scale.
+    q_segment_ids, kv_segment_ids: int32[batch, len] or None.
+
+  Returns:
+    a tuple like `consts` (zeros for integer consts are never used).
+  """
+  # pylint: disable=g-import-not-at-top
+  from sparsejax._src.attention import block_lists
+  batch, q_len, heads, dim = q.shape
+  kv_len, group = k.shape[1], heads // k.shape[2]
+  bq, bkv = layout.block_q, layout.block_kv
+  nq, nk = q_len // bq, kv_len // bkv
+  count, index, part = block_lists.for_heads(layout, batch)  # [b, h, nq], [b, h, nq, slots]
+  slots = index.shape[-1]
+  diff = [i for i, c in enumerate(consts) if is_differentiable(c)]
+  blocks = lambda x, n, b: x.reshape(n, b, *x.shape[1:])  # noqa: E731
+
+  def one_head(args):
+    b, h = args
+    qb = blocks(q[b, :, h], nq, bq).astype(jnp.float32)  # [nq, bq, d]
+    dob = blocks(do[b, :, h], nq, bq).astype(jnp.float32)
+    kb = blocks(k[b, :, h // group], nk, bkv)[index[b, h]].astype(jnp.float32)
+    vb = blocks(v[b, :, h // group], nk, bkv)[index[b, h]].astype(jnp.float32)
+    s = jnp.einsum("qid,qsjd->qsij", qb, kb) * sm_scale  # [nq, slots, bq, bkv]
+    q_idx = (jnp.arange(nq)[:, None, None, None] * bq + jnp.arange(bq)[None, None, :, None])
+    kv_idx = index[b, h][..., None, None] * bkv + jnp.arange(bkv)[None, None, None, :]
+    visible = (jnp.arange(slots)[None, :] < count[b, h][:, None])[..., None, None]
+    pidx = part[b, h][..., None, None]
+    visible = visible & jnp.where(pidx >= 0, layout.partial[jnp.maximum(part[b, h], 0)], True)
+    if q_segment_ids is not None:
+      visible = visible & (q_segment_ids[b][q_idx] == kv_segment_ids[b][kv_idx])
+
+    def modded(*diff_consts):
+      values = list(consts)
+      for i, c in zip(diff, diff_consts):
+        values[i] = c
+      block_fn = lambda s, qi, ki: fn(s, b, h, qi, ki, *values)  # noqa: E731
+      return jax.vmap(jax.vmap(block_fn, in_axes=(0, None, 0)), in_axes=(0, 0, 0))(
+          s, q_idx[:, 0], kv_idx)
+
+    s_mod, pullback = jax.vjp(modded, *[consts[i] for i in diff])
+    row_lse = blocks(lse[b, h], nq, bq)[:, None, :, None]
+    row_delta = blocks(delta[b, h], nq, bq)[:, None, :, None]
+    p = jnp.where(visible, jnp.exp(s_mod - row_lse), 0.0)
+    dp = jnp.einsum("qid,qsjd->qsij", dob, vb)
+    return pullback(p * (dp - row_delta))
+
+  pairs = (jnp.repeat(jnp.arange(batch), heads), jnp.tile(jnp.arange(heads), batch))
+  summed = [g.sum(0) for g in jax.lax.map(one_head, pairs)]
+  out = [jnp.zeros_like(c) for c in consts]
+  for i, g in zip(diff, summed):
+    out[i] = g.astype(jnp.result_type(consts[i]))
+  return tuple(out)
