@@ -7,14 +7,28 @@ previous block (padding repeats it) and skip their compute. Forward and dQ
 walk the key-block lists; dK/dV walks the transposed query-block lists. q, k
 and v are moved to [batch, heads, seq, head_dim] so tiles meet the TPU's
 (8, 128) layout. Runs on TPU, and on CPU with ``interpret=True``.
+
+Segment ids, a score_mod and sinks (`mods.Mods`) are applied inside the
+kernels: query ids come as [batch, q_len, 128] (the id broadcast over lanes)
+and key ids as [batch, 8, kv_len] (over sublanes), as splash attention lays
+them out; sinks sit in SMEM and start each row's online softmax. A score_mod
+is evaluated on each block of scores; the arrays it captures are kernel
+inputs, in SMEM when it reads them one entry at a time at scalar indices
+(ALiBi's ``slopes[h]``) and whole in VMEM otherwise. Mosaic cannot gather
+from an array at vector positions (a relative-position table indexed by
+``q_idx - kv_idx``): that raises a ValueError unless ``interpret=True``.
+The gradients of captured arrays and of sinks are XLA passes
+(`mods.const_grads`, `mods.sink_grad`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -28,6 +42,7 @@ from sparsejax._src.attention import mods as mods_lib
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 _LANES = 128
+_SUBLANES = 8
 
 
 def _dot(a, b, dims):
@@ -79,26 +94,249 @@ def _heads_major(x):
   return jnp.swapaxes(x, 1, 2)  # [b, t, h, d] -> [b, h, t, d]
 
 
-def _visible(partial_ref, pidx):
-  return jnp.where(pidx >= 0, partial_ref[...] != 0, True)
+# score_mod in the kernels: its jaxpr, evaluated with captured arrays in SMEM read lazily.
 
 
-def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, o_ref, lse_ref,
-                m_scratch, l_scratch, acc_scratch, *, sm_scale, heads, blocks, slots):
+@dataclasses.dataclass(frozen=True)
+class _View:
+  """A window of a captured array kept in SMEM, read one scalar at a time when used.
+
+  Indexing ops (`dynamic_slice`, `slice`, `squeeze`) narrow the window; any
+  other op reads it, which the plan allows only where one entry remains.
+  """
+
+  index: int  # which captured array
+  ref: Any  # its flat SMEM ref (None while planning)
+  dims: tuple[int, ...]  # the array's shape
+  dtype: Any
+  start: tuple[Any, ...]  # per array dim: int or int32 scalar
+  size: tuple[int, ...]  # per array dim
+  kept: tuple[int, ...]  # the array dims the window's shape keeps
+
+  @classmethod
+  def whole(cls, index, ref, aval):
+    dims = tuple(aval.shape)
+    return cls(index, ref, dims, aval.dtype, (0,) * len(dims), dims, tuple(range(len(dims))))
+
+  @property
+  def shape(self):
+    return tuple(self.size[d] for d in self.kept)
+
+
+def _narrow(eqn, args) -> _View | None:
+  """The window an indexing eqn cuts from a `_View`, or None if it is not such an op."""
+  view, rest = (args[0], args[1:]) if args else (None, ())
+  if not isinstance(view, _View) or any(isinstance(x, _View) for x in rest):
+    return None
+  start, size, kept, name = list(view.start), list(view.size), view.kept, eqn.primitive.name
+  if name == "dynamic_slice":
+    for d, i, n in zip(kept, rest, eqn.params["slice_sizes"]):
+      start[d] = start[d] + jnp.clip(i, 0, size[d] - n)  # dynamic_slice clamps its starts
+      size[d] = n
+  elif name == "slice" and not any(s != 1 for s in eqn.params["strides"] or ()):
+    for d, lo, hi in zip(kept, eqn.params["start_indices"], eqn.params["limit_indices"]):
+      start[d], size[d] = start[d] + lo, hi - lo
+  elif name == "squeeze":
+    kept = tuple(d for a, d in enumerate(kept) if a not in eqn.params["dimensions"])
+  else:
+    return None
+  return dataclasses.replace(view, start=tuple(start), size=tuple(size), kept=kept)
+
+
+def _check_mosaic(eqn):
+  """Raise a ValueError for the indexing ops that Mosaic cannot lower on TPU."""
+  name, operand = eqn.primitive.name, eqn.invars[0].aval
+  if name == "gather":
+    indices, out = eqn.invars[1].aval, eqn.outvars[0].aval
+    if (operand.ndim == out.ndim and indices.shape[:-1] == out.shape
+        and indices.shape[-1] == 1):
+      return  # take_along_axis-like: Mosaic's one gather
+  elif name not in ("dynamic_slice", "dynamic_update_slice") and not name.startswith("scatter"):
+    return
+  raise ValueError(
+      f"score_mod indexes a {operand.dtype}{list(operand.shape)} array with a {name} that "
+      f"Mosaic cannot lower on TPU. The pallas_tpu kernels read a captured array one entry at "
+      f"a time at scalar indices (batch, head, constants; from SMEM, as for ALiBi's "
+      f"slopes[h]), not at q_idx or kv_idx (as for a relative-position table[h, q_idx - "
+      f"kv_idx]); write the bias as arithmetic of the indices, or use implementation='xla' "
+      f"(or interpret=True)")
+
+
+def _evaluate(jaxpr, consts, args, read, strict):
+  """`jax.core.eval_jaxpr` that passes `_View`s through indexing ops and reads them elsewhere.
+
+  `read(view)` gives a window's value; with `strict`, ops Mosaic cannot lower raise.
+  """
+  env = {}
+  value = lambda a: a.val if isinstance(a, jex_core.Literal) else env[a]  # noqa: E731
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    ins = [value(a) for a in eqn.invars]
+    sub = eqn.params.get("jaxpr")
+    if eqn.primitive.name in ("jit", "pjit", "closed_call") and isinstance(
+        sub, jex_core.ClosedJaxpr):  # inlined, so windows pass through
+      outs = _evaluate(sub.jaxpr, sub.consts, ins, read, strict)
+    elif (narrowed := _narrow(eqn, ins)) is not None:
+      outs = [narrowed]
+    else:
+      if strict:
+        _check_mosaic(eqn)
+      ins = [read(x) if isinstance(x, _View) else x for x in ins]
+      outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+      outs = outs if eqn.primitive.multiple_results else [outs]
+    env.update(zip(eqn.outvars, outs))
+  return [value(a) for a in jaxpr.outvars]
+
+
+def _smem_dtype(dtype):
+  return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else jnp.int32
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ScoreMod:
+  """A traced score_mod as the kernels apply it (static, hashed by identity).
+
+  Attributes:
+    fn: from `mods.trace` (the XLA pass of the captured arrays' gradients uses it).
+    jaxpr: fn at block shapes, the captured arrays its trailing inputs.
+    smem: per captured array: True if it is read one entry at a time at
+      scalar indices (kept flat in SMEM, in 32 bits: small arrays such as
+      per-head parameters), False if whole (VMEM).
+  """
+
+  fn: Any
+  jaxpr: jex_core.ClosedJaxpr
+  smem: tuple[bool, ...]
+
+  @property
+  def avals(self):
+    return self.jaxpr.in_avals[5:]
+
+  def inputs(self, consts):
+    """The captured arrays as kernel inputs, and their BlockSpecs."""
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    arrays, specs = [], []
+    for c, smem in zip(consts, self.smem):
+      if smem:
+        arrays.append(c.reshape(-1).astype(_smem_dtype(c.dtype)))
+        specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+      else:
+        arrays.append(c)
+        specs.append(pl.BlockSpec(c.shape, lambda *_, n=c.ndim: (0,) * n))
+    return arrays, specs
+
+  def __call__(self, refs, score, b, h, q_idx, kv_idx):
+    """The modified scores of a block, inside a kernel (``refs``: the captured arrays)."""
+    def read(view):
+      strides = np.cumprod((1,) + view.dims[:0:-1])[::-1]
+      flat = sum((s * int(n) for s, n in zip(view.start, strides)), 0)
+      entry = view.ref[flat].astype(view.dtype)
+      return jnp.broadcast_to(entry, view.shape) if view.shape else entry
+
+    consts = [_View.whole(i, ref, aval) if smem else ref[...]
+              for i, (ref, smem, aval) in enumerate(zip(refs, self.smem, self.avals))]
+    out, = _evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, [score, b, h, q_idx, kv_idx, *consts],
+                     read, strict=False)
+    return out
+
+
+def _plan_score_mod(score_mod, block_q: int, block_kv: int, interpret: bool):
+  """(`_ScoreMod`, captured arrays) for `score_mod`; ValueError if it cannot lower on TPU."""
+  index = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  args = (jax.ShapeDtypeStruct((block_q, block_kv), jnp.float32), index(), index(),
+          index(block_q, 1), index(1, block_kv))
+  fn, consts = mods_lib.trace(score_mod, *args)
+  consts = tuple(jnp.asarray(c) for c in consts)
+  closed = jax.make_jaxpr(fn)(*args, *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in consts))
+  avals = closed.in_avals[5:]
+  wide = [False] * len(consts)  # read where more than one entry remains: whole, in VMEM
+
+  def read(view):
+    wide[view.index] |= int(np.prod(view.shape)) > 1
+    return jnp.zeros(view.shape, view.dtype)
+
+  def run(smem, strict):
+    def f(*values):
+      values = iter(values)
+      consts = [_View.whole(i, None, aval) if s else next(values)
+                for i, (s, aval) in enumerate(zip(smem, avals))]
+      return _evaluate(closed.jaxpr, closed.consts, [*args, *consts], read, strict)
+    return jax.eval_shape(f, *(aval for s, aval in zip(smem, avals) if not s))
+
+  run([True] * len(consts), strict=False)
+  smem = tuple(not w for w in wide)
+  run(smem, strict=not interpret)
+  return _ScoreMod(fn, closed, smem), consts
+
+
+# The kernels.
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelMods:
+  """Static: the optional inputs that follow `partial` in a kernel's refs, and their use.
+
+  Attributes:
+    segments: q ids [bq, 128] and kv ids [8, bkv] refs follow.
+    sinks: a float32[heads] SMEM ref follows (forward only).
+    score_mod: a `_ScoreMod` whose captured arrays' refs follow, or None.
+  """
+
+  segments: bool
+  sinks: bool
+  score_mod: _ScoreMod | None
+
+  def split(self, refs):
+    """(segment id refs or None, sinks ref or None, score_mod refs, the remaining refs)."""
+    refs = list(refs)
+    ids = (refs.pop(0), refs.pop(0)) if self.segments else None
+    sinks = refs.pop(0) if self.sinks else None
+    n = 0 if self.score_mod is None else len(self.score_mod.smem)
+    return ids, sinks, refs[:n], refs[n:]
+
+  def scores(self, q_ref, k_ref, partial_ref, pidx, ids, mod_refs, sm_scale, b, h, q_block,
+             kv_block, with_slope):
+    """A block's scores after score_mod, where they are visible, and d score / d raw score.
+
+    The slope is None without a score_mod or unless `with_slope`.
+    """
+    s = _dot(q_ref[...], k_ref[...], pallas_common.NT) * sm_scale
+    bq, bkv = s.shape
+    visible = jnp.where(pidx >= 0, partial_ref[...] != 0, True)
+    if ids is not None:
+      q_ids, kv_ids = ids
+      visible = visible & (jnp.tile(q_ids[...], (1, bkv // _LANES)) == kv_ids[:1, :])
+    if self.score_mod is None:
+      return s, visible, None
+    q_idx = q_block * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    kv_idx = kv_block * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+    mod = lambda raw: self.score_mod(mod_refs, raw, b, h, q_idx, kv_idx)  # noqa: E731
+    if not with_slope:
+      return mod(s), visible, None
+    s, slope = jax.jvp(mod, (s,), (jnp.ones_like(s),))  # elementwise: the diagonal
+    return s, visible, slope
+
+
+def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, *refs, sm_scale,
+                heads, blocks, slots, kmods):
+  ids, sinks_ref, mod_refs, (o_ref, lse_ref, m_scratch, l_scratch, acc_scratch) = (
+      kmods.split(refs))
   b, h, i, j = (pl.program_id(a) for a in range(4))
   row = (b * heads + h) * blocks + i
 
   @pl.when(j == 0)
   def _init():
-    m_scratch[...] = jnp.full(m_scratch.shape, _NEG, jnp.float32)
-    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+    m0, l0 = (_NEG, 0.0) if sinks_ref is None else (sinks_ref[h], 1.0)  # the sink: exp(0) = 1
+    m_scratch[...] = jnp.full(m_scratch.shape, m0, jnp.float32)
+    l_scratch[...] = jnp.full(l_scratch.shape, l0, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
   @pl.when(j < num_ref[row])
   def _step():
-    visible = _visible(partial_ref, pid_ref[row * slots + j])
-    s = _dot(q_ref[...], k_ref[...], pallas_common.NT)
-    s = jnp.where(visible, s * sm_scale, _NEG)
+    s, visible, _ = kmods.scores(q_ref, k_ref, partial_ref, pid_ref[row * slots + j], ids,
+                                 mod_refs, sm_scale, b, h, i, idx_ref[row * slots + j], False)
+    s = jnp.where(visible, s, _NEG)
     m_prev = m_scratch[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, lanes]
     p = jnp.where(visible, jnp.exp(s - m_next[:, :1]), 0.0)
@@ -117,8 +355,22 @@ def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, o_r
     lse_ref[...] = jnp.where(empty, 0.0, m_scratch[...] + jnp.log(safe))
 
 
+def _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial_ref, pidx, ids, mod_refs,
+        sm_scale, b, h, q_block, kv_block):
+  """A block's probabilities and d loss / d raw score (before sm_scale), for dQ and dK/dV."""
+  s, visible, slope = kmods.scores(q_ref, k_ref, partial_ref, pidx, ids, mod_refs, sm_scale, b,
+                                   h, q_block, kv_block, True)
+  p = jnp.where(visible, jnp.exp(s - lse_ref[0][:, None]), 0.0)
+  dp = _dot(do_ref[...], v_ref[...], pallas_common.NT)
+  ds = p * (dp - delta_ref[0][:, None])
+  if slope is not None:
+    ds = ds * jnp.where(visible, slope, 0.0)
+  return p, ds
+
+
 def _dq_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               partial_ref, dq_ref, dq_scratch, *, sm_scale, heads, blocks, slots):
+               partial_ref, *refs, sm_scale, heads, blocks, slots, kmods):
+  ids, _, mod_refs, (dq_ref, dq_scratch) = kmods.split(refs)
   b, h, i, j = (pl.program_id(a) for a in range(4))
   row = (b * heads + h) * blocks + i
 
@@ -128,14 +380,10 @@ def _dq_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
   @pl.when(j < num_ref[row])
   def _step():
-    visible = _visible(partial_ref, pid_ref[row * slots + j])
-    k = k_ref[...]
-    s = _dot(q_ref[...], k, pallas_common.NT) * sm_scale
-    lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
-    p = jnp.where(visible, jnp.exp(s - lse), 0.0)
-    dp = _dot(do_ref[...], v_ref[...], pallas_common.NT)
-    ds = p * (dp - delta)
-    dq_scratch[...] += _dot(ds.astype(k.dtype), k, pallas_common.NN)
+    _, ds = _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial_ref,
+                pid_ref[row * slots + j], ids, mod_refs, sm_scale, b, h, i,
+                idx_ref[row * slots + j])
+    dq_scratch[...] += _dot(ds.astype(k_ref.dtype), k_ref[...], pallas_common.NN)
 
   @pl.when(j == slots - 1)
   def _finish():
@@ -143,8 +391,8 @@ def _dq_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
 
 def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                partial_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, sm_scale, heads, blocks,
-                slots):
+                partial_ref, *refs, sm_scale, heads, blocks, slots, kmods):
+  ids, _, mod_refs, (dk_ref, dv_ref, dk_scratch, dv_scratch) = kmods.split(refs)
   b, h, i, j = (pl.program_id(a) for a in range(4))
   row = (b * heads + h) * blocks + i
 
@@ -155,14 +403,11 @@ def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(j < num_ref[row])
   def _step():
-    visible = _visible(partial_ref, pid_ref[row * slots + j])
+    p, ds = _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial_ref,
+                pid_ref[row * slots + j], ids, mod_refs, sm_scale, b, h,
+                idx_ref[row * slots + j], i)
     q, do = q_ref[...], do_ref[...]
-    s = _dot(q, k_ref[...], pallas_common.NT) * sm_scale
-    lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
-    p = jnp.where(visible, jnp.exp(s - lse), 0.0)
     dv_scratch[...] += _dot(p.astype(do.dtype), do, pallas_common.TN)
-    dp = _dot(do, v_ref[...], pallas_common.NT)
-    ds = p * (dp - delta)
     dk_scratch[...] += _dot(ds.astype(q.dtype), q, pallas_common.TN)
 
   @pl.when(j == slots - 1)
@@ -171,7 +416,27 @@ def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _forward(q, k, v, layout, sm_scale, block_sizes, interpret):
+def _extras(layout, q_ids, kv_ids, sinks, consts, score_mod, at_q_ids, at_kv_ids):
+  """The optional kernel inputs after `partial`, their BlockSpecs, and their `_KernelMods`."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  arrays, specs = [], []
+  if q_ids is not None:  # ids broadcast over lanes (q) and sublanes (kv), as splash lays them out
+    batch, q_len, kv_len = q_ids.shape[0], q_ids.shape[1], kv_ids.shape[1]
+    arrays += [jnp.broadcast_to(q_ids[:, :, None], (batch, q_len, _LANES)),
+               jnp.broadcast_to(kv_ids[:, None, :], (batch, _SUBLANES, kv_len))]
+    specs += [pl.BlockSpec((None, layout.block_q, _LANES), at_q_ids),
+              pl.BlockSpec((None, _SUBLANES, layout.block_kv), at_kv_ids)]
+  if sinks is not None:
+    arrays.append(sinks.astype(jnp.float32))
+    specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+  if score_mod is not None:
+    mod_arrays, mod_specs = score_mod.inputs(consts)
+    arrays, specs = arrays + mod_arrays, specs + mod_specs
+  return arrays, specs, _KernelMods(q_ids is not None, sinks is not None, score_mod)
+
+
+def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
+             interpret):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   batch, heads, q_len, dim = q.shape
   group = heads // k.shape[1]
@@ -179,45 +444,51 @@ def _forward(q, k, v, layout, sm_scale, block_sizes, interpret):
   nq = q_len // bq
   num, idx, pid, slots = _flat_meta(layout, batch, transposed=False)
   flat = lambda b, h, i, j: ((b * heads + h) * nq + i) * slots + j
+  at_q = lambda b, h, i, j, n, x, p: (b, h, i, 0)
+  at_kv = lambda b, h, i, j, n, x, p: (b, lax.div(h, group), x[flat(b, h, i, j)], 0)
+  extra, extra_specs, kmods = _extras(
+      layout, q_ids, kv_ids, sinks, consts, score_mod,
+      at_q_ids=lambda b, h, i, j, n, x, p: (b, i, 0),
+      at_kv_ids=lambda b, h, i, j, n, x, p: (b, 0, x[flat(b, h, i, j)]))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
       grid=(batch, heads, nq, slots),
       in_specs=[
-          pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, n, x, p: (b, h, i, 0)),
-          pl.BlockSpec((None, None, bkv, dim),
-                       lambda b, h, i, j, n, x, p: (b, lax.div(h, group), x[flat(b, h, i, j)], 0)),
-          pl.BlockSpec((None, None, bkv, dim),
-                       lambda b, h, i, j, n, x, p: (b, lax.div(h, group), x[flat(b, h, i, j)], 0)),
+          pl.BlockSpec((None, None, bq, dim), at_q),
+          pl.BlockSpec((None, None, bkv, dim), at_kv),
+          pl.BlockSpec((None, None, bkv, dim), at_kv),
           pl.BlockSpec((None, bq, bkv),
                        lambda b, h, i, j, n, x, p: (jnp.maximum(p[flat(b, h, i, j)], 0), 0, 0)),
+          *extra_specs,
       ],
       out_specs=[
-          pl.BlockSpec((None, None, bq, dim), lambda b, h, i, j, n, x, p: (b, h, i, 0)),
-          pl.BlockSpec((None, None, bq, _LANES), lambda b, h, i, j, n, x, p: (b, h, i, 0)),
+          pl.BlockSpec((None, None, bq, dim), at_q),
+          pl.BlockSpec((None, None, bq, _LANES), at_q),
       ],
       scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32), pltpu.VMEM((bq, _LANES), jnp.float32),
                       pltpu.VMEM((bq, dim), jnp.float32)],
   )
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, sm_scale=sm_scale, heads=heads, blocks=nq, slots=slots),
+      functools.partial(_fwd_kernel, sm_scale=sm_scale, heads=heads, blocks=nq, slots=slots,
+                        kmods=kmods),
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len, _LANES), jnp.float32)],
       compiler_params=None if interpret else _compiler_params(block_sizes),
       interpret=interpret,
       name="block_sparse_attention_fwd_tpu",
-  )(num, idx, pid, q, k, v, layout.partial.astype(jnp.int32))
+  )(num, idx, pid, q, k, v, layout.partial.astype(jnp.int32), *extra)
   return out, lse[..., 0]
 
 
-def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
+def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, score_mod, sm_scale,
+              block_sizes, interpret):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   batch, heads, q_len, dim = q.shape
   kv_heads, kv_len = k.shape[1], k.shape[2]
   group = heads // kv_heads
   bq, bkv = layout.block_q, layout.block_kv
   nq, nk = q_len // bq, kv_len // bkv
-  delta = jnp.einsum("bhtd,bhtd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]  # [b, h, 1, t]
   partial = layout.partial.astype(jnp.int32)
   params = None if interpret else _compiler_params(block_sizes)
@@ -228,8 +499,13 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
   at_kv = lambda b, h, i, j, n, x, p: (b, lax.div(h, group), x[flat(b, h, i, j)], 0)
   at_row = lambda b, h, i, j, n, x, p: (b, h, 0, i)
   at_partial = lambda b, h, i, j, n, x, p: (jnp.maximum(p[flat(b, h, i, j)], 0), 0, 0)
+  extra, extra_specs, kmods = _extras(
+      layout, q_ids, kv_ids, None, consts, score_mod,
+      at_q_ids=lambda b, h, i, j, n, x, p: (b, i, 0),
+      at_kv_ids=lambda b, h, i, j, n, x, p: (b, 0, x[flat(b, h, i, j)]))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, sm_scale=sm_scale, heads=heads, blocks=nq, slots=slots),
+      functools.partial(_dq_kernel, sm_scale=sm_scale, heads=heads, blocks=nq, slots=slots,
+                        kmods=kmods),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3, grid=(batch, heads, nq, slots),
           in_specs=[pl.BlockSpec((None, None, bq, dim), at_q),
@@ -238,12 +514,13 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
                     pl.BlockSpec((None, None, bq, dim), at_q),
                     pl.BlockSpec((None, None, 1, bq), at_row),
                     pl.BlockSpec((None, None, 1, bq), at_row),
-                    pl.BlockSpec((None, bq, bkv), at_partial)],
+                    pl.BlockSpec((None, bq, bkv), at_partial),
+                    *extra_specs],
           out_specs=pl.BlockSpec((None, None, bq, dim), at_q),
           scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dq_tpu",
-  )(num, idx, pid, q, k, v, do, lse_rows, delta_rows, partial)
+  )(num, idx, pid, q, k, v, do, lse_rows, delta_rows, partial, *extra)
 
   num_t, idx_t, pid_t, slots_t = _flat_meta(layout, batch, transposed=True)
   flat_t = lambda b, h, i, j: ((b * heads + h) * nk + i) * slots_t + j
@@ -252,8 +529,13 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
   at_row_t = lambda b, h, i, j, n, x, p: (b, h, 0, x[flat_t(b, h, i, j)])
   at_partial_t = lambda b, h, i, j, n, x, p: (jnp.maximum(p[flat_t(b, h, i, j)], 0), 0, 0)
   at_out = lambda b, h, i, j, n, x, p: (b, h, i, 0)
+  extra_t, extra_specs_t, _ = _extras(
+      layout, q_ids, kv_ids, None, consts, score_mod,
+      at_q_ids=lambda b, h, i, j, n, x, p: (b, x[flat_t(b, h, i, j)], 0),
+      at_kv_ids=lambda b, h, i, j, n, x, p: (b, 0, i))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, sm_scale=sm_scale, heads=heads, blocks=nk, slots=slots_t),
+      functools.partial(_dkv_kernel, sm_scale=sm_scale, heads=heads, blocks=nk, slots=slots_t,
+                        kmods=kmods),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3, grid=(batch, heads, nk, slots_t),
           in_specs=[pl.BlockSpec((None, None, bq, dim), at_qt),
@@ -262,27 +544,35 @@ def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
                     pl.BlockSpec((None, None, bq, dim), at_qt),
                     pl.BlockSpec((None, None, 1, bq), at_row_t),
                     pl.BlockSpec((None, None, 1, bq), at_row_t),
-                    pl.BlockSpec((None, bq, bkv), at_partial_t)],
+                    pl.BlockSpec((None, bq, bkv), at_partial_t),
+                    *extra_specs_t],
           out_specs=[pl.BlockSpec((None, None, bkv, dim), at_out)] * 2,
           scratch_shapes=[pltpu.VMEM((bkv, dim), jnp.float32)] * 2),
       out_shape=[jax.ShapeDtypeStruct((batch, heads, kv_len, dim), k.dtype)] * 2,
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dkv_tpu",
-  )(num_t, idx_t, pid_t, q, k, v, do, lse_rows, delta_rows, partial)
+  )(num_t, idx_t, pid_t, q, k, v, do, lse_rows, delta_rows, partial, *extra_t)
   # Per query head; heads that share a key head add up (GQA / MQA).
   dk = dk.reshape(batch, kv_heads, group, kv_len, dim).sum(2)
   dv = dv.reshape(batch, kv_heads, group, kv_len, dim).sum(2)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
-def _attention(q, k, v, layout, sm_scale, block_sizes, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+@functools.partial(jax.jit,
+                   static_argnames=("score_mod", "sm_scale", "block_sizes", "interpret"))
+def _attention(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
+               interpret):
   """Block-sparse attention with Pallas TPU kernels.
 
   Args:
     q: [batch, q_len, heads, head_dim]
     k, v: [batch, kv_len, kv_heads, head_dim]
-    layout: a `Layout` with block sizes that are multiples of 128.
+    layout: a `Layout` with block sizes that are multiples of 128 (narrowed
+      to the segments' blocks if there are segment ids).
+    q_ids, kv_ids: int32[batch, q_len], int32[batch, kv_len], or None.
+    sinks: float32[heads] or None.
+    consts: the arrays `score_mod` captures (differentiable if floating).
+    score_mod: a `_ScoreMod`, or None.
     sm_scale: softmax scale.
     block_sizes: `BlockSizes` launch settings (the tiles are the layout's blocks).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
@@ -290,26 +580,38 @@ def _attention(q, k, v, layout, sm_scale, block_sizes, interpret):
   Returns:
     [batch, q_len, heads, head_dim]
   """
-  return _fwd(q, k, v, layout, sm_scale, block_sizes, interpret)[0]
+  return _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
+              interpret)[0]
 
 
-def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
-  _validate_args(layout, block_sizes)
+def _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
+         interpret):
+  inputs = (q, k, v, layout, q_ids, kv_ids, sinks, consts)
   if q.shape[0] == 0:  # an empty batch launches no programs
-    return jnp.zeros_like(q), (q, k, v, layout, None, None)
-  out, lse = _forward(_heads_major(q), _heads_major(k), _heads_major(v), layout, sm_scale,
-                      block_sizes, interpret)
+    return jnp.zeros_like(q), (*inputs, None, None)
+  out, lse = _forward(_heads_major(q), _heads_major(k), _heads_major(v), layout, q_ids, kv_ids,
+                      sinks, consts, score_mod, sm_scale, block_sizes, interpret)
   out = _heads_major(out)
-  return out, (q, k, v, layout, out, lse)
+  return out, (*inputs, out, lse)
 
 
-def _bwd(sm_scale, block_sizes, interpret, residuals, do):
-  q, k, v, layout, out, lse = residuals
+def _bwd(score_mod, sm_scale, block_sizes, interpret, residuals, do):
+  q, k, v, layout, q_ids, kv_ids, sinks, consts, out, lse = residuals
   if q.shape[0] == 0:
-    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
-  dq, dk, dv = _backward(*(_heads_major(x) for x in (q, k, v, out)), lse, _heads_major(do),
-                         layout, sm_scale, block_sizes, interpret)
-  return _heads_major(dq), _heads_major(dk), _heads_major(dv), None
+    zeros = lambda xs: None if xs is None else jax.tree.map(jnp.zeros_like, xs)  # noqa: E731
+    return (*zeros((q, k, v)), None, None, None, zeros(sinks),
+            mods_lib.const_cotangents(consts, zeros(consts)))
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dk, dv = _backward(*(_heads_major(x) for x in (q, k, v)), lse, delta, _heads_major(do),
+                         layout, q_ids, kv_ids, consts, score_mod, sm_scale, block_sizes,
+                         interpret)
+  dsinks = None if sinks is None else mods_lib.sink_grad(sinks, lse, delta)
+  dconsts = ()
+  if score_mod is not None:
+    dconsts = mods_lib.const_cotangents(consts, mods_lib.const_grads(
+        score_mod.fn, consts, q, k, v, do, lse, delta, layout, sm_scale, q_ids, kv_ids))
+  return (_heads_major(dq), _heads_major(dk), _heads_major(dv), None, None, None, dsinks,
+          dconsts)
 
 
 _attention.defvjp(_fwd, _bwd)
@@ -317,7 +619,16 @@ _attention.defvjp(_fwd, _bwd)
 
 def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret,
                            mods: mods_lib.Mods = mods_lib.NONE):
-  """The public entry (see `_attention`); `mods` as in `mods.Mods`."""
-  if not mods.empty:
-    raise NotImplementedError("segment ids, score_mod and sinks: not yet in this kernel")
-  return _attention(q, k, v, layout, sm_scale, block_sizes, interpret)
+  """The public entry (see `_attention`); `mods` as in `mods.Mods`.
+
+  Raises:
+    ValueError: for blocks the kernels cannot tile, and (unless `interpret`)
+      for a score_mod that indexes a captured array at vector positions.
+  """
+  _validate_args(layout, block_sizes)
+  score_mod, consts = None, ()
+  if mods.score_mod is not None:
+    score_mod, consts = _plan_score_mod(mods.score_mod, layout.block_q, layout.block_kv,
+                                        interpret)
+  return _attention(q, k, v, layout, mods.q_segment_ids, mods.kv_segment_ids, mods.sinks, consts,
+                    score_mod, sm_scale, block_sizes, interpret)
