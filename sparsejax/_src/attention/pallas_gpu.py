@@ -6,14 +6,26 @@ log-sum-exp. Backward: a dQ kernel walks the same lists; a dK/dV kernel walks
 the transposed lists (query blocks per key block). Partial blocks load their
 element mask from the layout. Runs on Ampere and newer through the Triton
 backend; on CPU with ``interpret=True``.
+
+Score modifiers (`mods.Mods`) are fused: each program loads its segment ids
+and masks elementwise, evaluates the traced `score_mod` on each block of
+scores (and its elementwise derivative in the backward kernels), and starts
+the online softmax from the head's sink. The arrays a `score_mod` captures
+are kernel inputs read through their refs: indexing them by head or by
+position becomes a load, which Triton can do, where a gather of a loaded
+value cannot lower (`_eval_score_mod`). The gradients of captured arrays and
+of sinks are XLA passes (`mods.const_grads`, `mods.sink_grad`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -92,18 +104,286 @@ def _visible(partial_ref, pidx):
   return jnp.where(pidx >= 0, partial_ref[jnp.maximum(pidx, 0)] != 0, True)
 
 
-def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale,
-                block_kv, size):
+# score_mod in a kernel. `mods.trace` gives a jaxpr over the captured arrays;
+# `_eval_score_mod` evaluates it with those arrays left in their refs until an
+# operation needs their values: a slice keeps a window of the ref, a gather
+# whose indices come from the positions becomes a load at those indices, and
+# anything else loads the window. Triton lowers loads at array indices but no
+# gather or dynamic slice of a value, so with `check` (compiled kernels) a
+# score_mod that slices or gathers a computed value is refused with a
+# ValueError at trace time.
+
+_UNSUPPORTED = ("use implementation='xla', or write score_mod so that it indexes its captured "
+                "arrays directly by head and position, e.g. table[h, q_idx - kv_idx + offset]")
+_VALUE_INDEXING = frozenset({"gather", "dynamic_slice", "slice", "dynamic_update_slice",
+                             "scatter", "scatter-add", "scatter_add", "scatter-mul"})
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
+                    "custom_vjp_call", "checkpoint", "remat"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelMods:
+  """What the kernels apply besides the layout (static).
+
+  Attributes:
+    fn: `mods.trace`'s score_mod over explicit arrays, or None.
+    consts: the shapes of the arrays it captures, in order.
+    segments: whether segment ids follow q, k, v among the inputs.
+    sinks: whether the sink logits follow them.
+    check: refuse, at trace time, what the Triton lowering cannot do.
+  """
+
+  fn: Callable[..., jax.Array] | None
+  consts: tuple[jax.ShapeDtypeStruct, ...]
+  segments: bool
+  sinks: bool
+  check: bool
+
+
+def _kernel_mods(fn, consts, q_ids, sinks, interpret) -> _KernelMods:
+  return _KernelMods(fn, tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in consts),
+                     q_ids is not None, sinks is not None, not interpret)
+
+
+def _clamp(x, lo, hi):
+  if isinstance(x, (int, np.integer)):
+    return min(max(int(x), lo), hi)
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+class _View:
+  """A window of a captured array still in its ref: per ref dimension (start, size or None).
+
+  A size of None is a dimension indexed away (by `start`); the others are the
+  view's dimensions, in order.
+  """
+
+  def __init__(self, ref, dims):
+    self.ref, self.dims = ref, tuple(dims)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(n for _, n in self.dims if n is not None)
+
+  def sliced(self, starts, sizes) -> _View:
+    """`lax.dynamic_slice` semantics: starts are clamped so the slice fits."""
+    new, it = [], iter(zip(starts, sizes))
+    for start, size in self.dims:
+      if size is None:
+        new.append((start, None))
+      else:
+        s, n = next(it)
+        new.append((start + _clamp(s, 0, size - n), n))
+    return _View(self.ref, new)
+
+  def squeezed(self, dimensions) -> _View:
+    own = [i for i, (_, n) in enumerate(self.dims) if n is not None]
+    drop = {own[d] for d in dimensions}
+    return _View(self.ref, [(s, None if i in drop else n) for i, (s, n) in enumerate(self.dims)])
+
+  def load(self, check: bool) -> jax.Array:
+    size = int(np.prod(self.shape))
+    if check and size & (size - 1):
+      raise ValueError(f"score_mod uses a captured array's window of shape {self.shape} whole; "
+                       f"Triton loads only blocks of a power-of-2 size: {_UNSUPPORTED}")
+    return self.ref[tuple(s if n is None else pl.ds(s, n) for s, n in self.dims)]
+
+  def gather(self, indices, eqn, check: bool) -> jax.Array:
+    """A `lax.gather` of single elements, one index per dimension, as a load."""
+    params = eqn.params
+    dnums, rank = params["dimension_numbers"], len(self.shape)
+    if (dnums.offset_dims or dnums.operand_batching_dims
+        or tuple(sorted(dnums.collapsed_slice_dims)) != tuple(range(rank))
+        or any(n != 1 for n in params["slice_sizes"])):
+      if check:
+        raise ValueError(f"score_mod gathers slices of a captured array ({dnums}); the Triton "
+                         f"kernel loads single elements only: {_UNSUPPORTED}")
+      return _bind_plain(eqn, [self.load(check), _value(indices, check)], check)[0]
+    batch = indices.shape[:-1]
+    per_dim = [0] * rank  # a dimension the gather does not index is read at 0
+    for k, d in enumerate(dnums.start_index_map):
+      per_dim[d] = _index_component(indices, k, check)
+    fill = params["mode"] == lax.GatherScatterMode.FILL_OR_DROP
+    index, inside, it = [], True, iter(per_dim)
+    for start, size in self.dims:
+      if size is None:
+        index.append(jnp.broadcast_to(start, batch) if batch else start)
+        continue
+      i = next(it)
+      if fill:
+        inside = inside & (i >= 0) & (i < size)
+      index.append(jnp.broadcast_to(start + _clamp(i, 0, size - 1), batch))
+    value = self.ref[tuple(index)]
+    if fill:
+      value = jnp.where(inside, value, _fill_value(value.dtype, params["fill_value"]))
+    return value
+
+
+class _Parts:
+  """A concatenation along the last axis, kept in parts: the index vectors of a gather."""
+
+  def __init__(self, values):
+    self.values = values
+    self.shape = (*values[0].shape[:-1], sum(v.shape[-1] for v in values))
+
+  def load(self, check: bool) -> jax.Array:
+    del check
+    return lax.concatenate(self.values, len(self.shape) - 1)
+
+
+def _value(x, check):
+  return x.load(check) if isinstance(x, (_View, _Parts)) else x
+
+
+def _fill_value(dtype, fill):
+  if fill is not None:
+    return jnp.asarray(fill, dtype)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return jnp.asarray(jnp.nan, dtype)
+  if dtype == jnp.bool_:
+    return jnp.asarray(True)
+  info = jnp.iinfo(dtype)
+  return jnp.asarray(info.min if jnp.issubdtype(dtype, jnp.signedinteger) else info.max, dtype)
+
+
+def _index_component(indices, k, check):
+  """indices[..., k] without slicing a value where the parts are at hand."""
+  parts = indices.values if isinstance(indices, _Parts) else [indices]
+  for part in parts:
+    n = part.shape[-1]
+    if k < n:
+      if n == 1:
+        return part.reshape(part.shape[:-1])
+      if check:
+        raise ValueError(f"score_mod gathers with an index array it did not build from the "
+                         f"positions it is given; the Triton kernel cannot slice it: "
+                         f"{_UNSUPPORTED}")
+      return lax.index_in_dim(part, k, axis=part.ndim - 1, keepdims=False)
+    k -= n
+  raise AssertionError("index out of range")
+
+
+def _bind_plain(eqn, args, check):
+  if check and eqn.primitive.name in _VALUE_INDEXING:
+    raise ValueError(f"score_mod applies {eqn.primitive.name} to a value it computed, which "
+                     f"the Triton kernel cannot lower: {_UNSUPPORTED}")
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+  return out if eqn.primitive.multiple_results else [out]
+
+
+def _eval_eqn(eqn, args, check):
+  name, params = eqn.primitive.name, eqn.params
+  lazy = any(isinstance(a, (_View, _Parts)) for a in args)
+  if args and isinstance(args[0], _View):
+    view, rest = args[0], args[1:]
+    if name == "gather":
+      indices = rest[0] if isinstance(rest[0], _Parts) else _value(rest[0], check)
+      return [view.gather(indices, eqn, check)]
+    rest = [_value(a, check) for a in rest]
+    if name == "dynamic_slice":
+      return [view.sliced(rest[:len(view.shape)], params["slice_sizes"])]
+    if name == "slice" and (params["strides"] is None or set(params["strides"]) == {1}):
+      sizes = [b - a for a, b in zip(params["start_indices"], params["limit_indices"])]
+      return [view.sliced(params["start_indices"], sizes)]
+    if name == "squeeze":
+      return [view.squeezed(params["dimensions"])]
+  if (name == "concatenate" and not lazy and args[0].ndim
+      and params["dimension"] == args[0].ndim - 1):
+    return [_Parts(list(args))]
+  # Calls are inlined to reach the captured arrays inside them, and when
+  # compiling to check what they do; custom derivatives only for the former,
+  # keeping their rules otherwise.
+  inline = lazy or (check and not name.startswith("custom_"))
+  if inline and name in _CALLS:
+    sub = params.get("jaxpr", params.get("call_jaxpr"))
+    if sub is not None:
+      closed = sub if isinstance(sub, jex_core.ClosedJaxpr) else jex_core.ClosedJaxpr(sub, ())
+      return _eval_jaxpr(closed.jaxpr, closed.consts, args, check)
+  return _bind_plain(eqn, [_value(a, check) for a in args], check)
+
+
+def _eval_jaxpr(jaxpr, consts, args, check):
+  env: dict[Any, Any] = {}
+  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]  # noqa: E731
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    env.update(zip(eqn.outvars, _eval_eqn(eqn, [read(v) for v in eqn.invars], check)))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_score_mod(km: _KernelMods, const_refs, b, h, block_q: int, block_kv: int):
+  """``(score, q_pos, kv_pos) -> km.fn(score, b, h, q_pos, kv_pos, *consts)`` in a kernel."""
+  if km.fn is None:
+    return None
+  arg = jax.ShapeDtypeStruct
+  closed = jax.make_jaxpr(km.fn)(arg((block_q, block_kv), jnp.float32), arg((), jnp.int32),
+                                 arg((), jnp.int32), arg((block_q, 1), jnp.int32),
+                                 arg((1, block_kv), jnp.int32), *km.consts)
+  views = [_View(ref, [(0, None)] if not c.shape else [(0, n) for n in c.shape])
+           for ref, c in zip(const_refs, km.consts)]
+
+  def score_mod(s, q_pos, kv_pos):
+    out, = _eval_jaxpr(closed.jaxpr, closed.consts, [s, b, h, q_pos, kv_pos, *views], km.check)
+    return _value(out, km.check)
+
+  return score_mod
+
+
+def _unpack(refs, km: _KernelMods):
+  """The refs after q, k, v: (q ids, kv ids, sinks, captured arrays, outputs); None if absent."""
+  refs = list(refs)
+  q_ids = kv_ids = sinks = None
+  if km.segments:
+    q_ids, kv_ids = refs.pop(0), refs.pop(0)
+  if km.sinks:
+    sinks = refs.pop(0)
+  n = len(km.consts)
+  return q_ids, kv_ids, sinks, refs[:n], refs[n:]
+
+
+def _positions(start, size: int, axis: int) -> jax.Array:
+  """int32 global positions of a block, as a column (axis 0) or a row (axis 1)."""
+  pos = start * size + jnp.arange(size, dtype=jnp.int32)
+  return pos[:, None] if axis == 0 else pos[None, :]
+
+
+def _scores(score_mod, q, k, sm_scale, visible, q_pos, kv_pos, q_ids, kv_ids, derivative=False):
+  """One block pair: the scores after score_mod, where they are visible, d score / d raw score.
+
+  The derivative is None without score_mod or unless asked for (backward).
+  """
+  s = _dot(q, k, pallas_common.NT) * sm_scale
+  if q_ids is not None:
+    visible = visible & (q_ids[:, None] == kv_ids[None, :])
+  if score_mod is None:
+    return s, visible, None
+  modded = lambda s: score_mod(s, q_pos, kv_pos)  # noqa: E731
+  if not derivative:
+    return modded(s), visible, None
+  s, dmod = jax.jvp(modded, (s,), (jnp.ones_like(s),))  # elementwise: the diagonal
+  return s, visible, dmod
+
+
+def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, *refs, sm_scale, block_kv, size, km):
+  q_ids_ref, kv_ids_ref, sinks_ref, const_refs, (o_ref, lse_ref) = _unpack(refs, km)
   q = q_ref[...]
   block_q, dim = q.shape
+  b, h = pl.program_id(1), pl.program_id(2)
+  score_mod = _eval_score_mod(km, const_refs, b, h, block_q, block_kv)
+  q_pos = _positions(pl.program_id(0), block_q, 0)
+  q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
   def body(j, carry):
     acc, m, l = carry
     kv = meta_ref[1 + j]
-    visible = _visible(partial_ref, meta_ref[1 + size + j])
-    k = k_ref[pl.ds(kv * block_kv, block_kv), :]
-    v = v_ref[pl.ds(kv * block_kv, block_kv), :]
-    s = _dot(q, k, pallas_common.NT) * sm_scale
+    cols = pl.ds(kv * block_kv, block_kv)
+    k, v = k_ref[cols, :], v_ref[cols, :]
+    s, visible, _ = _scores(score_mod, q, k, sm_scale,
+                            _visible(partial_ref, meta_ref[1 + size + j]),
+                            q_pos, _positions(kv, block_kv, 1), q_ids,
+                            None if kv_ids_ref is None else kv_ids_ref[cols])
     s = jnp.where(visible, s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
@@ -112,50 +392,76 @@ def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, pallas_common.NN)
     return acc, m_new, l
 
-  init = (jnp.zeros((block_q, dim), jnp.float32), jnp.full((block_q,), _NEG, jnp.float32),
-          jnp.zeros((block_q,), jnp.float32))
+  if sinks_ref is None:
+    m0, l0 = jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32)
+  else:  # the sink is a key of logit `sink` and value 0: it starts the softmax
+    m0, l0 = jnp.full((block_q,), sinks_ref[h], jnp.float32), jnp.ones((block_q,), jnp.float32)
+  init = (jnp.zeros((block_q, dim), jnp.float32), m0, l0)
   acc, m, l = lax.fori_loop(0, meta_ref[0], body, init)
   empty = l == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dq_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, sm_scale, block_kv, size):
+def _ds(s, visible, dmod, lse, do, v, delta):
+  """The probabilities of one block pair and d loss / d raw scores (0 where not visible)."""
+  p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+  dp = _dot(do, v, pallas_common.NT)
+  ds = p * (dp - delta[:, None])
+  if dmod is not None:
+    ds = jnp.where(visible, ds * dmod, 0.0)
+  return p, ds
+
+
+def _dq_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+               sm_scale, block_kv, size, km):
+  q_ids_ref, kv_ids_ref, _, const_refs, (dq_ref,) = _unpack(refs, km)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
+  block_q = q.shape[0]
+  score_mod = _eval_score_mod(km, const_refs, pl.program_id(1), pl.program_id(2), block_q,
+                              block_kv)
+  q_pos = _positions(pl.program_id(0), block_q, 0)
+  q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
   def body(j, dq):
     kv = meta_ref[1 + j]
-    visible = _visible(partial_ref, meta_ref[1 + size + j])
-    k = k_ref[pl.ds(kv * block_kv, block_kv), :]
-    v = v_ref[pl.ds(kv * block_kv, block_kv), :]
-    s = _dot(q, k, pallas_common.NT) * sm_scale
-    p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
-    dp = _dot(do, v, pallas_common.NT)
-    ds = p * (dp - delta[:, None])
+    cols = pl.ds(kv * block_kv, block_kv)
+    k, v = k_ref[cols, :], v_ref[cols, :]
+    s, visible, dmod = _scores(score_mod, q, k, sm_scale,
+                               _visible(partial_ref, meta_ref[1 + size + j]),
+                               q_pos, _positions(kv, block_kv, 1), q_ids,
+                               None if kv_ids_ref is None else kv_ids_ref[cols], derivative=True)
+    _, ds = _ds(s, visible, dmod, lse, do, v, delta)
     return dq + _dot(ds.astype(k.dtype), k, pallas_common.NN)
 
   dq = lax.fori_loop(0, meta_ref[0], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, sm_scale, block_q, size):
+def _dkv_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                sm_scale, block_q, size, km):
+  q_ids_ref, kv_ids_ref, _, const_refs, (dk_ref, dv_ref) = _unpack(refs, km)
   k, v = k_ref[...], v_ref[...]
+  block_kv = k.shape[0]
+  score_mod = _eval_score_mod(km, const_refs, pl.program_id(1), pl.program_id(2), block_q,
+                              block_kv)
+  kv_pos = _positions(pl.program_id(0), block_kv, 1)
+  kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
 
   def body(j, carry):
     dk, dv = carry
     qb = meta_ref[1 + j]
-    visible = _visible(partial_ref, meta_ref[1 + size + j])
     rows = pl.ds(qb * block_q, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, delta = lse_ref[rows], delta_ref[rows]
-    s = _dot(q, k, pallas_common.NT) * sm_scale
-    p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+    s, visible, dmod = _scores(score_mod, q, k, sm_scale,
+                               _visible(partial_ref, meta_ref[1 + size + j]),
+                               _positions(qb, block_q, 0), kv_pos,
+                               None if q_ids_ref is None else q_ids_ref[rows], kv_ids,
+                               derivative=True)
+    p, ds = _ds(s, visible, dmod, lse, do, v, delta)
     dv = dv + _dot(p.astype(do.dtype), do, pallas_common.TN)
-    dp = _dot(do, v, pallas_common.NT)
-    ds = p * (dp - delta[:, None])
     dk = dk + _dot(ds.astype(q.dtype), q, pallas_common.TN)
     return dk, dv
 
@@ -169,14 +475,37 @@ def _pad_dim(x, dim):
   return jnp.pad(x, [(0, 0)] * 3 + [(0, dim - x.shape[-1])]) if x.shape[-1] != dim else x
 
 
-def _forward(q, k, v, layout, sm_scale, block_sizes, interpret):
+def _mod_inputs(km, q_ids, kv_ids, sinks, consts, q_block, kv_block):
+  """The kernels' inputs after q, k, v (and their BlockSpecs) over a (block, batch, head) grid.
+
+  q_block / kv_block: the ids block of the grid's own axis, or None for whole rows.
+  """
+  args, specs = [], []
+  if km.segments:
+    for ids, block in [(q_ids, q_block), (kv_ids, kv_block)]:
+      args.append(ids)
+      specs.append(pl.BlockSpec((None, ids.shape[1]), lambda i, b, h: (b, 0)) if block is None
+                   else pl.BlockSpec((None, block), lambda i, b, h: (b, i)))
+  if km.sinks:
+    args.append(sinks)
+    specs.append(pl.BlockSpec(sinks.shape, lambda i, b, h: (0,)))
+  for c in consts:  # whole, in one block; a scalar as one element
+    c = c.reshape(1) if c.ndim == 0 else c
+    args.append(c)
+    specs.append(pl.BlockSpec(c.shape, lambda i, b, h, n=c.ndim: (0,) * n))
+  return args, specs
+
+
+def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, km, sm_scale, block_sizes,
+             interpret):
   batch, q_len, heads, dim = q.shape
   kv_len, group = k.shape[1], heads // k.shape[2]
   bq, bkv = layout.block_q, layout.block_kv
   meta, size = _meta(layout, batch, transposed=False)
   partial = _partial_table(layout)
+  extra, extra_specs = _mod_inputs(km, q_ids, kv_ids, sinks, consts, bq, None)
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, sm_scale=sm_scale, block_kv=bkv, size=size),
+      functools.partial(_fwd_kernel, sm_scale=sm_scale, block_kv=bkv, size=size, km=km),
       grid=(q_len // bq, batch, heads),
       in_specs=[
           pl.BlockSpec((None, None, None, meta.shape[-1]), lambda i, b, h: (b, h, i, 0)),
@@ -184,6 +513,7 @@ def _forward(q, k, v, layout, sm_scale, block_sizes, interpret):
           pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
           pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0)),
           pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0)),
+          *extra_specs,
       ],
       out_specs=[
           pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
@@ -194,61 +524,69 @@ def _forward(q, k, v, layout, sm_scale, block_sizes, interpret):
       compiler_params=None if interpret else _compiler_params(dim, block_sizes),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(meta, partial, q, k, v)
+  )(meta, partial, q, k, v, *extra)
   return out, lse
 
 
-def _backward(q, k, v, out, lse, do, layout, sm_scale, block_sizes, interpret):
+def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, km, sm_scale,
+              block_sizes, interpret):
   batch, q_len, heads, dim = q.shape
   kv_len, group = k.shape[1], heads // k.shape[2]
   bq, bkv = layout.block_q, layout.block_kv
+  km = dataclasses.replace(km, sinks=False)  # the sinks are in lse
   partial = _partial_table(layout)
-  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   params = None if interpret else _compiler_params(dim, block_sizes)
   meta, size = _meta(layout, batch, transposed=False)
   kv_spec = pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0))
   row_spec = pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0))
   stat_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  extra, extra_specs = _mod_inputs(km, q_ids, kv_ids, None, consts, bq, None)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, sm_scale=sm_scale, block_kv=bkv, size=size),
+      functools.partial(_dq_kernel, sm_scale=sm_scale, block_kv=bkv, size=size, km=km),
       grid=(q_len // bq, batch, heads),
       in_specs=[pl.BlockSpec((None, None, None, meta.shape[-1]), lambda i, b, h: (b, h, i, 0)),
                 pl.BlockSpec(partial.shape, lambda i, b, h: (0, 0, 0)),
-                row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec],
+                row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec, *extra_specs],
       out_specs=row_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dq",
-  )(meta, partial, q, k, v, do, lse, delta)
+  )(meta, partial, q, k, v, do, lse, delta, *extra)
   meta_t, size_t = _meta(layout, batch, transposed=True)
   seq_spec = pl.BlockSpec((None, q_len, None, dim), lambda i, b, h: (b, 0, h, 0))
   seq_stat = pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))
   kv_block = pl.BlockSpec((None, bkv, None, dim), lambda i, b, h: (b, i, h // group, 0))
   out_block = pl.BlockSpec((None, bkv, None, dim), lambda i, b, h: (b, i, h, 0))
+  extra, extra_specs = _mod_inputs(km, q_ids, kv_ids, None, consts, None, bkv)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, sm_scale=sm_scale, block_q=bq, size=size_t),
+      functools.partial(_dkv_kernel, sm_scale=sm_scale, block_q=bq, size=size_t, km=km),
       grid=(kv_len // bkv, batch, heads),
       in_specs=[pl.BlockSpec((None, None, None, meta_t.shape[-1]), lambda i, b, h: (b, h, i, 0)),
                 pl.BlockSpec(partial.shape, lambda i, b, h: (0, 0, 0)),
-                seq_spec, kv_block, kv_block, seq_spec, seq_stat, seq_stat],
+                seq_spec, kv_block, kv_block, seq_spec, seq_stat, seq_stat, *extra_specs],
       out_specs=[out_block, out_block],
       out_shape=[jax.ShapeDtypeStruct((batch, kv_len, heads, dim), k.dtype)] * 2,
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dkv",
-  )(meta_t, partial, q, k, v, do, lse, delta)
+  )(meta_t, partial, q, k, v, do, lse, delta, *extra)
   # Per query head; heads that share a key head add up (GQA / MQA).
   dk = dk.reshape(batch, kv_len, heads // group, group, dim).sum(3)
   dv = dv.reshape(batch, kv_len, heads // group, group, dim).sum(3)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
-def _attention(q, k, v, layout, sm_scale, block_sizes, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+@functools.partial(jax.jit, static_argnames=("fn", "sm_scale", "block_sizes", "interpret"))
+def _attention(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, block_sizes,
+               interpret):
   """Block-sparse attention with Pallas GPU kernels (Triton backend).
 
   Args:
     q: [batch, q_len, heads, head_dim]
     k, v: [batch, kv_len, kv_heads, head_dim]
-    layout: a `Layout` (`make_layout` or `topk_layout`).
+    layout: a `Layout` (`make_layout` or `topk_layout`; `segment_layout` with ids).
+    q_ids, kv_ids: int32[batch, q_len], int32[batch, kv_len] segment ids, or None.
+    sinks: float32[heads] sink logits, or None.
+    consts: the arrays `fn` captures (differentiable if floating).
+    fn: `mods.trace`'s score_mod at block shapes, or None.
     sm_scale: softmax scale.
     block_sizes: `BlockSizes` launch settings (the tiles are the layout's blocks).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
@@ -256,29 +594,45 @@ def _attention(q, k, v, layout, sm_scale, block_sizes, interpret):
   Returns:
     [batch, q_len, heads, head_dim]
   """
-  return _fwd(q, k, v, layout, sm_scale, block_sizes, interpret)[0]
+  return _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, block_sizes,
+              interpret)[0]
 
 
-def _fwd(q, k, v, layout, sm_scale, block_sizes, interpret):
+def _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, block_sizes, interpret):
   _validate_args(layout, block_sizes)
   if q.shape[0] == 0:  # an empty batch launches no programs
-    return jnp.zeros_like(q), (q, k, v, layout, None, None)
+    return jnp.zeros_like(q), (q, k, v, layout, q_ids, kv_ids, sinks, consts, None, None)
+  km = _kernel_mods(fn, consts, q_ids, sinks, interpret)
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
   qp, kp, vp = (_pad_dim(x, padded) for x in (q, k, v))
-  out, lse = _forward(qp, kp, vp, layout, sm_scale, block_sizes, interpret)
-  return out[..., :dim], (q, k, v, layout, out[..., :dim], lse)
+  out, lse = _forward(qp, kp, vp, layout, q_ids, kv_ids, sinks, consts, km, sm_scale,
+                      block_sizes, interpret)
+  out = out[..., :dim]
+  return out, (q, k, v, layout, q_ids, kv_ids, sinks, consts, out, lse)
 
 
-def _bwd(sm_scale, block_sizes, interpret, residuals, do):
-  q, k, v, layout, out, lse = residuals
+def _bwd(fn, sm_scale, block_sizes, interpret, residuals, do):
+  q, k, v, layout, q_ids, kv_ids, sinks, consts, out, lse = residuals
   if q.shape[0] == 0:
-    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
+    zeros = [jnp.zeros_like(c) for c in consts]
+    return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None, None, None,
+            None if sinks is None else jnp.zeros_like(sinks),
+            mods_lib.const_cotangents(consts, zeros))
+  km = _kernel_mods(fn, consts, q_ids, sinks, interpret)
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
-  qp, kp, vp, op, dop = (_pad_dim(x, padded) for x in (q, k, v, out, do))
-  dq, dk, dv = _backward(qp, kp, vp, op, lse, dop, layout, sm_scale, block_sizes, interpret)
-  return dq[..., :dim], dk[..., :dim], dv[..., :dim], None
+  qp, kp, vp, dop = (_pad_dim(x, padded) for x in (q, k, v, do))
+  dq, dk, dv = _backward(qp, kp, vp, lse, delta, dop, layout, q_ids, kv_ids, consts, km,
+                         sm_scale, block_sizes, interpret)
+  d_sinks = None if sinks is None else mods_lib.sink_grad(sinks, lse, delta)
+  d_consts = tuple(None for _ in consts)
+  if any(mods_lib.is_differentiable(c) for c in consts):  # XLA drops it if nothing reads it
+    grads = mods_lib.const_grads(fn, consts, q, k, v, do, lse, delta, layout, sm_scale, q_ids,
+                                 kv_ids)
+    d_consts = mods_lib.const_cotangents(consts, grads)
+  return (dq[..., :dim], dk[..., :dim], dv[..., :dim], None, None, None, d_sinks, d_consts)
 
 
 _attention.defvjp(_fwd, _bwd)
@@ -286,8 +640,18 @@ _attention.defvjp(_fwd, _bwd)
 
 def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret,
                            mods: mods_lib.Mods = mods_lib.NONE):
-  """The public entry (see `_attention`); `mods` as in `mods.Mods`."""
-  if not mods.empty:
-    raise NotImplementedError("segment ids, score_mod and sinks: not yet in this kernel")
-  return _attention(q, k, v, layout, sm_scale, block_sizes, interpret)
+  """The public entry (see `_attention`); `mods` as in `mods.Mods`.
 
+  A `score_mod` is traced here, at the kernels' block shapes, into a function
+  of the arrays it captures, which become inputs of the kernels and get
+  gradients.
+  """
+  fn, consts = None, ()
+  if mods.score_mod is not None:
+    index = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    fn, consts = mods_lib.trace(
+        mods.score_mod, jax.ShapeDtypeStruct((layout.block_q, layout.block_kv), jnp.float32),
+        index(), index(), index(layout.block_q, 1), index(1, layout.block_kv))
+    consts = tuple(jnp.asarray(c) for c in consts)
+  return _attention(q, k, v, layout, mods.q_segment_ids, mods.kv_segment_ids, mods.sinks, consts,
+                    fn, sm_scale, block_sizes, interpret)
