@@ -1,5 +1,7 @@
-"""Helpers shared by the benchmark scripts: timing and the MLP they train."""
+"""Helpers shared by the benchmark scripts: timing, result files and the MLP they train."""
 
+import json
+import os
 import time
 
 import jax
@@ -17,6 +19,49 @@ def timed(fn, *args, repeats):
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+def describe(error):
+  """One line for a failed benchmark row: the exception's type and first line."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def attempt(fn, *args, repeats):
+  """`(timed(fn, *args), None)`, or `(None, describe(error))` if it raises.
+
+  One row that an implementation does not support (NotImplementedError) or
+  that fails to compile or runs out of memory must not end the benchmark.
+  """
+  try:
+    return timed(fn, *args, repeats=repeats), None
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    return None, describe(e)
+
+
+class Rows:
+  """Benchmark rows kept in a list and, given a path, rewritten as JSON after each one.
+
+  The file is ``{"meta": {...}, "rows": [{...}, ...]}``, replaced atomically,
+  so a run that is killed part way still leaves every row it finished.
+  """
+
+  def __init__(self, path, **meta):
+    self.path, self.meta, self.rows = path, meta, []
+    self._write()
+
+  def add(self, **row):
+    self.rows.append(row)
+    self._write()
+    return row
+
+  def _write(self):
+    if not self.path:
+      return
+    tmp = f"{self.path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump({"meta": self.meta, "rows": self.rows}, f, indent=1)
+    os.replace(tmp, self.path)
 
 
 def implementations(backend):
