@@ -135,6 +135,19 @@ class TestXLA:
           self.layout(sja.CausalMask((t, t)), heads=4), ids=documents(1, 2, t, self.BLOCK),
           mod=mod4, params=params, sinks=jnp.linspace(-1.0, 1.0, 4))
 
+  def test_empty_batch(self):
+    t = 4 * self.BLOCK
+    q, k, v, ct = inputs(5, 0, t, 2, 1, 32, jnp.bfloat16)
+    mod, params = SCORE_MODS["alibi"]
+    out, grads = run(self.IMPLEMENTATION, self.INTERPRET, q, k, v, ct,
+                     self.layout(sja.CausalMask((t, t))), ids=jnp.zeros((0, t), jnp.int32),
+                     mod=mod, params=params, sinks=jnp.array([0.1, 0.2]))
+    assert out.shape == q.shape
+    for got, want in zip(grads[:3], (q, k, v)):
+      assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(grads[3][0]), 0.0)
+    np.testing.assert_array_equal(np.asarray(grads[4]), 0.0)
+
   def test_backward_is_deterministic(self):
     t = 4 * self.BLOCK
     q, k, v, ct = inputs(4, 1, t, 2, 1, 32, jnp.float32)
@@ -172,10 +185,13 @@ class TestPallasTPU(TestXLA):
 
 
 class TestPallasTPUInterpret(TestPallasTPU):
-  """The interpreter is slow at 128-blocks: the combined test and determinism only."""
+  """The interpreter is slow at 128-blocks: soft-capping, the combined test and determinism."""
   INTERPRET = True
 
   test_packed_documents = test_score_mod = test_sinks = None
+
+  def test_softcap(self):  # a score_mod whose derivative is not 1
+    TestXLA.test_score_mod(self, "softcap")
 
 
 def test_reference_matches_jax_dot_product_attention():
@@ -277,6 +293,10 @@ def test_kernels_with_mods_lower_for_gpu_and_tpu(platform, block, marker, mod):
     return out.astype(jnp.float32).sum()
 
   sinks = jnp.zeros(heads)
+  if platform == "tpu" and mod == "relative_bias":  # a gather by position: no Mosaic lowering
+    with pytest.raises(ValueError, match="Mosaic cannot lower"):
+      _export(jax.grad(loss, argnums=(0, 1, 2, 4, 5)), platform, q, kv, kv, ids, params, sinks)
+    return
   module = _export(jax.grad(loss, argnums=(0, 1, 2, 4, 5)), platform, q, kv, kv, ids, params,
                    sinks)
   assert module.count(marker) >= 3  # fwd, dq, dk/dv

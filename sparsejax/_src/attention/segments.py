@@ -42,7 +42,7 @@ def check_ids(q_segment_ids, kv_segment_ids, batch: int, q_len: int, kv_len: int
 
 
 def _ranges(ids: jax.Array, block: int):
-  blocks = ids.reshape(ids.shape[0], -1, block)
+  blocks = ids.reshape(ids.shape[0], ids.shape[1] // block, block)  # batch may be 0
   return blocks.min(-1), blocks.max(-1)  # [batch, blocks] each
 
 
