@@ -1,7 +1,8 @@
 """Block-sparse attention layouts: which key blocks each query block reads.
 
-`make_layout` evaluates a mask block by block with NumPy on the host and
-caches the result; `topk_layout` builds one inside `jax.jit` from pooled
+`make_layout` classifies a mask's blocks on the host (in closed form for the
+structured masks, evaluating only the partial blocks' elements) and caches
+the result; `topk_layout` builds one inside `jax.jit` from pooled
 query and key blocks. Both return a `Layout`, a NamedTuple of int32/bool
 arrays whose shapes carry the block sizes, so every implementation accepts
 either and nothing recompiles for a new mask of the same sizes.
@@ -89,14 +90,25 @@ def active_lists(active: jax.Array, partial_index: jax.Array, size: int):
     (count int32[...], index int32[..., size], partial int32[..., size]):
     lists padded by repeating their last index, with partial -1 in padding.
   """
-  count = jnp.sum(active, axis=-1, dtype=jnp.int32)
-  order = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
-  slot = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), count.shape + (size,))
-  take = jnp.minimum(slot, jnp.maximum(count[..., None] - 1, 0))
-  index = jnp.take_along_axis(order, take, axis=-1)
+  return _active_lists(jnp, active, partial_index, size)
+
+
+def _active_lists(xp, active, partial_index, size):
+  """`active_lists` with NumPy (on the host, nothing to compile) or jax.numpy."""
+  count = xp.sum(active, axis=-1, dtype=xp.int32)
+  order = xp.argsort(~active, axis=-1, stable=True).astype(xp.int32)
+  slot = xp.broadcast_to(xp.arange(size, dtype=xp.int32), count.shape + (size,))
+  take = xp.minimum(slot, xp.maximum(count[..., None] - 1, 0))
+  index = xp.take_along_axis(order, take, axis=-1)
   valid = slot < count[..., None]
-  part = jnp.where(valid, jnp.take_along_axis(partial_index, index, axis=-1), -1)
-  return count, index, part.astype(jnp.int32)
+  part = xp.where(valid, xp.take_along_axis(partial_index, index, axis=-1), -1)
+  return count, index, part.astype(xp.int32)
+
+
+def _block_lists(xp, active, partial_index, max_kv, max_q):
+  """The six list fields of a `Layout` from its block tables."""
+  return (*_active_lists(xp, active, partial_index, max_kv),
+          *_active_lists(xp, xp.swapaxes(active, 1, 2), xp.swapaxes(partial_index, 1, 2), max_q))
 
 
 def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
@@ -111,15 +123,34 @@ def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
     head_row: int32[batch or 1, heads].
     max_kv, max_q: list lengths (static), at least the largest counts.
   """
-  num_kv, kv_index, kv_partial = active_lists(active, partial_index, max_kv)
-  num_q, q_index, q_partial = active_lists(jnp.swapaxes(active, 1, 2),
-                                           jnp.swapaxes(partial_index, 1, 2), max_q)
-  return Layout(num_kv, kv_index, kv_partial, num_q, q_index, q_partial,
+  return Layout(*_block_lists(jnp, active, partial_index, max_kv, max_q),
                 jnp.asarray(partial, jnp.bool_), jnp.asarray(head_row, jnp.int32))
 
 
 def _mask_blocks(mask: masks_lib.Mask, block_q: int, block_kv: int):
-  """Host-side: (active, partial index) per block and the distinct partial blocks."""
+  """Host-side: (active, partial index) per block and the distinct partial blocks.
+
+  Masks with a closed form are classified in O(blocks) and only their partial
+  blocks are evaluated; the others (`NumpyMask`, user masks) element by element.
+  """
+  if not mask._closed_form:  # pylint: disable=protected-access
+    return _element_blocks(mask, block_q, block_kv)
+  active, full = mask.block_any_all(block_q, block_kv)
+  q_blocks, kv_blocks = np.nonzero(active & ~full)  # row-major, like the element path
+  pidx = np.full(active.shape, -1, np.int32)
+  if not len(q_blocks):
+    return active, pidx, []
+  packed = np.empty((len(q_blocks), -(-block_q * block_kv // 8)), np.uint8)
+  for s, entries in masks_lib.iter_block_elements(mask, q_blocks, kv_blocks, block_q, block_kv):
+    packed[s] = np.packbits(entries.reshape(len(entries), -1), axis=1)
+  seen: dict[bytes, int] = {}  # distinct blocks numbered in order of first appearance
+  pidx[q_blocks, kv_blocks] = [seen.setdefault(row.tobytes(), len(seen)) for row in packed]
+  first = np.unique(pidx[q_blocks, kv_blocks], return_index=True)[1]
+  patterns = np.unpackbits(packed[first], axis=1, count=block_q * block_kv)
+  return active, pidx, list(patterns.reshape(-1, block_q, block_kv).astype(bool))
+
+
+def _element_blocks(mask: masks_lib.Mask, block_q: int, block_kv: int):
   q_len, kv_len = mask.shape
   nq, nk = q_len // block_q, kv_len // block_kv
   active = np.zeros((nq, nk), bool)
@@ -157,9 +188,9 @@ def _cached_layout(head_masks: tuple[masks_lib.Mask, ...], block_q: int, block_k
   partial = np.stack(patterns) if patterns else np.ones((1, block_q, block_kv), bool)
   max_kv = max(int(active.sum(-1).max()), 1)
   max_q = max(int(active.sum(-2).max()), 1)
+  lists = _block_lists(np, active, pidx, max_kv, max_q)  # what from_blocks computes, on the host
   with jax.ensure_compile_time_eval():
-    return from_blocks(jnp.asarray(active), jnp.asarray(pidx), jnp.asarray(partial),
-                       jnp.asarray(head_row), max_kv, max_q)
+    return Layout(*(jnp.asarray(a) for a in lists + (partial, head_row)))
 
 
 def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: int,

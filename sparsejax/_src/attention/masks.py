@@ -5,6 +5,14 @@ the host (``mask[q_slice, kv_slice]``, to build layouts) and, through the
 same code, with jnp on traced indices (``mask(q_ids, kv_ids)``), so partial
 blocks can be recomputed inside kernels. Masks compose with ``&`` and ``|``;
 ``bool(mask)`` raises, to catch ``and``/``or`` used by mistake.
+
+`Mask.block_any_all` classifies the blocks of a grid as empty, partial or
+full. The structured masks do it in closed form, in O(blocks): the interval
+masks (full, causal, local, chunked and their ``&``) from each row's key
+interval ``[lo(i), hi(i)]``, the others from column, diagonal or pattern-block
+counts; a combination takes its children's tables and evaluates elementwise
+only the blocks they leave undecided (two partial children). `NumpyMask` and
+other masks evaluate every element.
 """
 
 from __future__ import annotations
@@ -39,13 +47,142 @@ def _check_shape(shape):
     raise ValueError(f"shape={shape!r} must be (q_len, kv_len) with positive ints")
 
 
+_EVAL_ELEMENTS = 1 << 20  # entries evaluated at once by the element paths
+
+
+def iter_block_elements(evaluate, q_blocks: np.ndarray, kv_blocks: np.ndarray,
+                        block_q: int, block_kv: int):
+  """Yields (slice, bool[n, block_q, block_kv]): the entries of blocks (q_blocks, kv_blocks).
+
+  `evaluate(q_ids, kv_ids)` broadcasts, as `Mask.__call__` does; the blocks
+  are evaluated together, a few million entries at a time.
+  """
+  step = max(1, _EVAL_ELEMENTS // (block_q * block_kv))
+  index = np.int32  # as inside the kernels; the arithmetic on indices is most of the time
+  rows = np.arange(block_q, dtype=index)[None, :, None]
+  cols = np.arange(block_kv, dtype=index)[None, None, :]
+  for start in range(0, len(q_blocks), step):
+    s = slice(start, start + step)
+    q = q_blocks[s, None, None].astype(index) * block_q + rows
+    kv = kv_blocks[s, None, None].astype(index) * block_kv + cols
+    yield s, np.broadcast_to(evaluate(q, kv), (len(q), block_q, block_kv))
+
+
+def _evaluate_blocks(evaluate, where: np.ndarray, block_q: int, block_kv: int):
+  """(any, all) of each block where `where` is set, by element evaluation."""
+  q_blocks, kv_blocks = np.nonzero(where)
+  any_, all_ = np.empty(len(q_blocks), bool), np.empty(len(q_blocks), bool)
+  for s, entries in iter_block_elements(evaluate, q_blocks, kv_blocks, block_q, block_kv):
+    any_[s], all_[s] = entries.any(axis=(1, 2)), entries.all(axis=(1, 2))
+  return any_, all_
+
+
+def _and_tables(a, b, evaluate, block_q, block_kv):
+  """(any, all) of ``A & B`` from those of A and B; blocks where both are partial are evaluated."""
+  any_, all_ = a[0] & b[0], a[1] & b[1]
+  undecided = any_ & ~a[1] & ~b[1]
+  if undecided.any():
+    any_[undecided] = _evaluate_blocks(evaluate, undecided, block_q, block_kv)[0]
+  return any_, all_
+
+
+def _or_tables(a, b, evaluate, block_q, block_kv):
+  """(any, all) of ``A | B`` from those of A and B; blocks where both are partial are evaluated."""
+  any_, all_ = a[0] | b[0], a[1] | b[1]
+  undecided = a[0] & b[0] & ~all_
+  if undecided.any():
+    all_[undecided] = _evaluate_blocks(evaluate, undecided, block_q, block_kv)[1]
+  return any_, all_
+
+
+def _interval_tables(lo: np.ndarray, hi: np.ndarray, kv_len: int, block_q: int, block_kv: int):
+  """(any, all) of the mask whose row ``i`` sees keys ``lo[i] <= j <= hi[i]``.
+
+  Exact when `lo` and `hi` do not decrease with ``i``: a block is full when
+  its last row starts and its first row ends outside it, and has a visible
+  entry when some non-empty row in it starts by its last key and ends at or
+  after its first key (rows a prefix and a suffix of the block select).
+  """
+  lo, hi = np.maximum(lo, 0), np.minimum(hi, kv_len - 1)
+  r0 = np.arange(len(lo) // block_q) * block_q
+  k0 = np.arange(kv_len // block_kv) * block_kv
+  k1 = k0 + block_kv - 1
+  all_ = (lo[r0 + block_q - 1][:, None] <= k0) & (hi[r0][:, None] >= k1)
+  first = np.maximum(r0[:, None], np.searchsorted(hi, k0, side="left"))  # rows reaching k0
+  stop = np.minimum(r0[:, None] + block_q, np.searchsorted(lo, k1, side="right"))  # starting by k1
+  nonempty = np.concatenate([[0], np.cumsum(lo <= hi)])
+  any_ = nonempty[np.maximum(stop, first)] > nonempty[first]
+  return any_, all_
+
+
+def _column_tables(columns: np.ndarray, num_q_blocks: int, block_kv: int):
+  """(any, all) of the mask where key ``j`` is visible from every query iff ``columns[j]``."""
+  count = columns.reshape(-1, block_kv).sum(axis=1)
+  return (np.repeat((count > 0)[None], num_q_blocks, axis=0),
+          np.repeat((count == block_kv)[None], num_q_blocks, axis=0))
+
+
+def _element_tables(mask, block_q, block_kv):
+  """(any, all) by evaluating every entry, a row of blocks at a time."""
+  q_len, kv_len = mask.shape
+  nq, nk = q_len // block_q, kv_len // block_kv
+  any_, all_ = np.empty((nq, nk), bool), np.empty((nq, nk), bool)
+  for i in range(nq):
+    rows = mask[i * block_q:(i + 1) * block_q, :].reshape(block_q, nk, block_kv)
+    any_[i], all_[i] = rows.any(axis=(0, 2)), rows.all(axis=(0, 2))
+  return any_, all_
+
+
 class Mask:
-  """Base class: a boolean (q_len, kv_len) pattern."""
+  """Base class: a boolean (q_len, kv_len) pattern.
+
+  A subclass defines ``_eval(q, kv, xp)``; it may also define
+  ``_any_all(block_q, block_kv)`` (exact block tables) and set
+  ``_closed_form = True`` when that costs O(blocks), so `make_layout` never
+  evaluates its elements outside the partial blocks.
+  """
 
   shape: tuple[int, int]
+  _closed_form = False  # whether _any_all is O(blocks), not element evaluation
 
   def _eval(self, q, kv, xp):
     raise NotImplementedError
+
+  def _intervals(self):
+    """(lo, hi) int64[q_len]: row i sees exactly keys lo[i]..hi[i], both non-decreasing; or None."""
+    return None
+
+  def _any_all(self, block_q, block_kv):
+    intervals = self._intervals()
+    if intervals is not None:
+      return _interval_tables(*intervals, self.shape[1], block_q, block_kv)
+    return _element_tables(self, block_q, block_kv)
+
+  def block_any_all(self, block_q: int, block_kv: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which blocks of a (block_q, block_kv) grid have some, and which have every, entry visible.
+
+    Closed form, O(blocks), for the structured masks and their ``&`` and
+    ``|``; element evaluation for `NumpyMask` and masks without a closed form.
+
+    Args:
+      block_q, block_kv: block sizes; they must divide the mask's shape.
+
+    Returns:
+      (any bool[q_blocks, kv_blocks], all bool[q_blocks, kv_blocks]): a
+      block is empty where ``~any``, full where ``all``, partial otherwise.
+
+    Example:
+      >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(1024, 0))
+      >>> any_, all_ = mask.block_any_all(128, 128)
+      >>> partial = any_ & ~all_                     # the blocks on the window's edges
+    """
+    for name, value, length in [("block_q", block_q, self.shape[0]),
+                                ("block_kv", block_kv, self.shape[1])]:
+      _checks.static_int(name, value, minimum=1)
+      if length % value:
+        raise ValueError(f"{name}={value} must divide the mask's length {length}")
+    any_, all_ = self._any_all(int(block_q), int(block_kv))
+    return np.asarray(any_, bool), np.asarray(all_, bool)
 
   def __call__(self, q_ids, kv_ids):
     """Whether each (q_ids, kv_ids) pair may attend; broadcasts; NumPy or traced."""
@@ -91,8 +228,25 @@ class LogicalAnd(Mask):
   def shape(self):
     return self.left.shape
 
+  @property
+  def _closed_form(self):
+    return self.left._closed_form and self.right._closed_form  # pylint: disable=protected-access
+
   def _eval(self, q, kv, xp):
     return self.left._eval(q, kv, xp) & self.right._eval(q, kv, xp)  # pylint: disable=protected-access
+
+  def _intervals(self):
+    a, b = self.left._intervals(), self.right._intervals()  # pylint: disable=protected-access
+    if a is None or b is None:
+      return None
+    return np.maximum(a[0], b[0]), np.minimum(a[1], b[1])
+
+  def _any_all(self, block_q, block_kv):
+    if self._intervals() is not None:  # an intersection of intervals is one
+      return super()._any_all(block_q, block_kv)
+    return _and_tables(self.left._any_all(block_q, block_kv),  # pylint: disable=protected-access
+                       self.right._any_all(block_q, block_kv),  # pylint: disable=protected-access
+                       self, block_q, block_kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +258,17 @@ class LogicalOr(Mask):
   def shape(self):
     return self.left.shape
 
+  @property
+  def _closed_form(self):
+    return self.left._closed_form and self.right._closed_form  # pylint: disable=protected-access
+
   def _eval(self, q, kv, xp):
     return self.left._eval(q, kv, xp) | self.right._eval(q, kv, xp)  # pylint: disable=protected-access
+
+  def _any_all(self, block_q, block_kv):
+    return _or_tables(self.left._any_all(block_q, block_kv),  # pylint: disable=protected-access
+                      self.right._any_all(block_q, block_kv),  # pylint: disable=protected-access
+                      self, block_q, block_kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +280,13 @@ class FullMask(Mask):
   def __post_init__(self):
     _check_shape(self.shape)
 
+  _closed_form = True
+
   def _eval(self, q, kv, xp):
     return xp.ones(xp.broadcast_shapes(xp.shape(q), xp.shape(kv)), bool)
+
+  def _intervals(self):
+    return np.zeros(self.shape[0], np.int64), np.full(self.shape[0], self.shape[1] - 1, np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +300,14 @@ class CausalMask(Mask):
     _check_shape(self.shape)
     _check_ints("CausalMask", offset=(self.offset, None))
 
+  _closed_form = True
+
   def _eval(self, q, kv, xp):
     return kv <= q + self.offset
+
+  def _intervals(self):
+    i = np.arange(self.shape[0], dtype=np.int64)
+    return np.zeros_like(i), i + self.offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +325,14 @@ class LocalMask(Mask):
                    for w in self.window)):
       raise ValueError(f"window={self.window!r} must be (left, right) of ints >= 0 or None")
     _check_ints("LocalMask", offset=(self.offset, None))
+
+  _closed_form = True
+
+  def _intervals(self):
+    left, right = self.window
+    i = np.arange(self.shape[0], dtype=np.int64) + self.offset
+    return (np.zeros_like(i) if left is None else i - left,
+            np.full_like(i, self.shape[1] - 1) if right is None else i + right)
 
   def _eval(self, q, kv, xp):
     left, right = self.window
@@ -174,8 +356,14 @@ class ChunkedCausalMask(Mask):
     if not isinstance(self.chunk, (int, np.integer)) or self.chunk < 1:
       raise ValueError(f"chunk={self.chunk!r} must be an int >= 1")
 
+  _closed_form = True
+
   def _eval(self, q, kv, xp):
     return (q // self.chunk == kv // self.chunk) & (kv <= q)
+
+  def _intervals(self):
+    i = np.arange(self.shape[0], dtype=np.int64)
+    return i - i % self.chunk, i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +380,17 @@ class AShapeMask(Mask):
     if self.sink < 0 or self.window < 1:
       raise ValueError(f"sink={self.sink} must be >= 0 and window={self.window} >= 1")
 
+  _closed_form = True
+
   def _eval(self, q, kv, xp):
     return (kv <= q) & ((kv < self.sink) | (q - kv < self.window))
+
+  def _any_all(self, block_q, block_kv):
+    i = np.arange(self.shape[0], dtype=np.int64)
+    sink = _interval_tables(np.zeros_like(i), np.minimum(i, self.sink - 1), self.shape[1],
+                            block_q, block_kv)
+    recent = _interval_tables(i - self.window + 1, i, self.shape[1], block_q, block_kv)
+    return _or_tables(sink, recent, self, block_q, block_kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,10 +420,25 @@ class StridedShardMask(Mask):
       raise ValueError(f"need block >= 1, num_shards >= 1 and 0 <= shard < num_shards, got "
                        f"block={self.block}, num_shards={self.num_shards}, shard={self.shard}")
 
+  _closed_form = True
+
+  def _in_shard(self, kv):
+    return (kv // self.block) % self.num_shards == self.shard
+
   def _eval(self, q, kv, xp):
-    out = ((kv // self.block) % self.num_shards == self.shard) | (
-        (q - kv < self.local_window) & (kv - q < self.local_window))
+    out = self._in_shard(kv) | ((q - kv < self.local_window) & (kv - q < self.local_window))
     return out & (kv <= q) if self.causal else out
+
+  def _any_all(self, block_q, block_kv):
+    (q_len, kv_len), window = self.shape, self.local_window
+    i = np.arange(q_len, dtype=np.int64)
+    shard = _column_tables(self._in_shard(np.arange(kv_len)), q_len // block_q, block_kv)
+    near_hi = np.minimum(i + window - 1, i) if self.causal else i + window - 1
+    near = _interval_tables(i - window + 1, near_hi, kv_len, block_q, block_kv)
+    if self.causal:
+      shard = _and_tables(shard, CausalMask(self.shape)._any_all(block_q, block_kv),
+                          lambda q, kv: self._in_shard(kv) & (kv <= q), block_q, block_kv)
+    return _or_tables(shard, near, self, block_q, block_kv)
 
   @classmethod
   def for_heads(cls, shape, num_heads, *, block, num_shards, local_window=0, causal=True):
@@ -294,9 +506,28 @@ class BigBirdMask(_TableMask):
     return (self.shape, self.block, self.num_global, self.window, self.num_random, self.seed,
             self.causal)
 
+  _closed_form = True
+
   def _eval(self, q, kv, xp):
     out = xp.asarray(self._table)[q // self.block, kv // self.block]
     return out & (kv <= q) if self.causal else out
+
+  def _any_all(self, block_q, block_kv):
+    # Layout block (I, J) covers pattern blocks [a0, a1) x [b0, b1): count them in a prefix sum.
+    (q_len, kv_len), table = self.shape, self._table
+    counts = np.zeros((table.shape[0] + 1, table.shape[1] + 1), np.int64)
+    counts[1:, 1:] = table.cumsum(axis=0).cumsum(axis=1)
+    a0 = np.arange(0, q_len, block_q) // self.block
+    a1 = np.arange(block_q - 1, q_len, block_q) // self.block + 1
+    b0 = np.arange(0, kv_len, block_kv) // self.block
+    b1 = np.arange(block_kv - 1, kv_len, block_kv) // self.block + 1
+    count = (counts[np.ix_(a1, b1)] - counts[np.ix_(a0, b1)] - counts[np.ix_(a1, b0)]
+             + counts[np.ix_(a0, b0)])
+    tables = count > 0, count == (a1 - a0)[:, None] * (b1 - b0)[None, :]
+    if not self.causal:
+      return tables
+    return _and_tables(tables, CausalMask(self.shape)._any_all(block_q, block_kv), self,
+                       block_q, block_kv)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -333,6 +564,22 @@ class VerticalSlashMask(_TableMask):
   def _key(self):
     return (self.shape, self.vertical, self.slash)
 
+  _closed_form = True  # blocks where columns and diagonals are both partial are evaluated
+
+  def _any_all(self, block_q, block_kv):
+    (q_len, kv_len), (vertical, slash) = self.shape, self._tables
+    columns = _and_tables(_column_tables(vertical, q_len // block_q, block_kv),
+                          CausalMask(self.shape)._any_all(block_q, block_kv),
+                          lambda q, kv: vertical[kv] & (kv <= q), block_q, block_kv)
+    # The differences q - kv in block (I, J) are every integer in
+    # [I bq - J bkv - bkv + 1, I bq - J bkv + bq - 1]; count the chosen ones.
+    chosen = np.concatenate([np.zeros(kv_len - 1, np.int64), slash.astype(np.int64)])
+    count = np.concatenate([[0], np.cumsum(chosen)])
+    lo = (np.arange(0, q_len, block_q)[:, None] - np.arange(0, kv_len, block_kv)[None, :]
+          + kv_len - block_kv)
+    n = count[lo + block_q + block_kv - 1] - count[lo]
+    return _or_tables(columns, (n > 0, n == block_q + block_kv - 1), self, block_q, block_kv)
+
   def _eval(self, q, kv, xp):
     vertical, slash = (xp.asarray(t) for t in self._tables)
     offset = q - kv
@@ -362,6 +609,11 @@ class NumpyMask(_TableMask):
 
   def _key(self):
     return self._digest
+
+  def _any_all(self, block_q, block_kv):
+    (q_len, kv_len), a = self.shape, self.array
+    tiles = a.reshape(q_len // block_q, block_q, kv_len // block_kv, block_kv)
+    return tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
 
   def _eval(self, q, kv, xp):
     return xp.asarray(self.array)[q, kv]
