@@ -14,6 +14,7 @@ from sparsejax._src.attention.api import block_sparse_attention as block_sparse_
 from sparsejax._src.attention.layout import Layout as Layout
 from sparsejax._src.attention.layout import dense_mask as dense_mask
 from sparsejax._src.attention.layout import make_layout as make_layout
+from sparsejax._src.attention.layout import plot_layout as plot_layout
 from sparsejax._src.attention.layout import topk_layout as topk_layout
 from sparsejax._src.attention.masks import AShapeMask as AShapeMask
 from sparsejax._src.attention.masks import BigBirdMask as BigBirdMask
@@ -45,6 +46,7 @@ __all__ = (
     "block_sparse_attention",
     "dense_mask",
     "make_layout",
+    "plot_layout",
     "segment_layout",
     "topk_layout",
 )

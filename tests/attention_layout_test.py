@@ -1,4 +1,4 @@
-"""Closed-form block classification equals brute force."""
+"""Closed-form block classification equals brute force; layout sparsity and pictures."""
 
 import itertools
 
@@ -167,3 +167,35 @@ def test_random_mask_trees_equal_brute_force(case):
 def test_block_any_all_bad_blocks():
   with pytest.raises(ValueError, match="block_q=24 must divide the mask's length 64"):
     sja.CausalMask((64, 64)).block_any_all(24, 16)
+
+
+CAUSAL_PICTURE = """\
+head 0: 4 x 4 blocks of 128 x 128, sparsity 37.50%
+|░░      |
+|██░░    |
+|████░░  |
+|██████░░|"""
+
+
+def test_sparsity_and_to_string_on_a_known_layout():
+  layout = sja.make_layout(sja.CausalMask((512, 512)), num_heads=1, block_q=128, block_kv=128)
+  assert float(layout.sparsity) == 0.375 == 1 - float(layout.density())
+  assert layout.to_string() == CAUSAL_PICTURE
+  multi = sja.MultiHeadMask([sja.CausalMask((64, 64)), sja.FullMask((64, 64))])
+  layout = sja.make_layout(multi, num_heads=2, block_q=8, block_kv=8)
+  assert float(layout.sparsity) == pytest.approx((28 / 64 + 0) / 2)
+  assert layout.to_string(head=1).splitlines()[1:] == ["|" + "██" * 8 + "|"] * 8
+  # 8 x 8 blocks in 4 x 4 cells: a cell is full only if all its blocks are.
+  small = layout.to_string(head=0, max_blocks=4).splitlines()
+  assert small[0].endswith("(a cell: 2 x 2 blocks)")
+  assert small[1:] == CAUSAL_PICTURE.splitlines()[1:]
+  with pytest.raises(ValueError, match="head=2 must be < num_heads=2"):
+    layout.to_string(head=2)
+
+
+def test_plot_layout_writes_a_png(tmp_path):
+  pytest.importorskip("matplotlib")
+  multi = sja.MultiHeadMask([sja.CausalMask((64, 64)), sja.AShapeMask((64, 64), 4, 16)])
+  layout = sja.make_layout(multi, num_heads=2, block_q=8, block_kv=8)
+  path = sja.plot_layout(layout, tmp_path / "layout.png", heads=[0, 1])
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

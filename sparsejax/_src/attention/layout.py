@@ -77,6 +77,129 @@ class Layout(NamedTuple):
     rows = jnp.take(self.num_kv, self.head_row.reshape(-1), axis=0)
     return jnp.mean(rows) / self.num_q.shape[1]
 
+  @property
+  def sparsity(self) -> jax.Array:
+    """Share of (query block, key block) pairs that are inactive, averaged over heads.
+
+    ``1 - density()``; traceable.
+
+    Example:
+      >>> sja.make_layout(sja.CausalMask((512, 512)), num_heads=1, block_q=128,
+      ...                 block_kv=128).sparsity          # 6 of 16 blocks are empty
+      Array(0.375, dtype=float32)
+    """
+    return 1 - self.density()
+
+  def to_string(self, head: int = 0, batch: int = 0, max_blocks: int = 64) -> str:
+    """A text picture of one head's blocks: '██' full, '░░' partial, '  ' empty.
+
+    Rows are query blocks, columns key blocks. Past `max_blocks` per side a
+    character pair stands for several blocks: full if all are, partial if any
+    is active. Host-side (not under jit).
+
+    Args:
+      head: the head to draw.
+      batch: the batch element (layouts with a row per batch, as from
+        `topk_layout` or `segment_layout`).
+      max_blocks: the most blocks drawn per side.
+
+    Example:
+      >>> print(sja.make_layout(sja.CausalMask((512, 512)), num_heads=1, block_q=128,
+      ...                       block_kv=128).to_string())
+      head 0: 4 x 4 blocks of 128 x 128, sparsity 37.50%
+      |░░      |
+      |██░░    |
+      |████░░  |
+      |██████░░|
+    """
+    _checks.static_int("max_blocks", max_blocks, minimum=1)
+    states = _block_states(self, _row(self, head, batch))
+    (nq, nk), sparsity = states.shape, float(np.mean(states == _EMPTY))
+    step_q, step_k = -(-nq // max_blocks), -(-nk // max_blocks)
+    active = _pool(states != _EMPTY, step_q, step_k, np.any)
+    full = _pool(states == _FULL, step_q, step_k, np.all)
+    cells = np.where(full, "██", np.where(active, "░░", "  "))
+    title = (f"head {head}{f', batch {batch}' if self.head_row.shape[0] > 1 else ''}: "
+             f"{nq} x {nk} blocks of {self.block_q} x {self.block_kv}, sparsity {sparsity:.2%}")
+    if step_q > 1 or step_k > 1:
+      title += f" (a cell: {step_q} x {step_k} blocks)"
+    return "\n".join([title] + ["|" + "".join(r) + "|" for r in cells])
+
+
+_EMPTY, _PARTIAL, _FULL = 0, 1, 2
+
+
+def _row(layout: Layout, head: int, batch: int) -> int:
+  """The layout row of (batch, head); raises ValueError out of range."""
+  batches, heads = layout.head_row.shape
+  _checks.static_int("head", head, minimum=0)
+  _checks.static_int("batch", batch, minimum=0)
+  if head >= heads:
+    raise ValueError(f"head={head} must be < num_heads={heads}")
+  if batches > 1 and batch >= batches:
+    raise ValueError(f"batch={batch} must be < {batches}, the layout's batch")
+  return int(np.asarray(layout.head_row)[batch if batches > 1 else 0, head])
+
+
+def _block_states(layout: Layout, row: int) -> np.ndarray:
+  """int8[q_blocks, kv_blocks]: _EMPTY, _PARTIAL or _FULL for one layout row (host-side)."""
+  num_kv = np.asarray(layout.num_kv[row])
+  kv_index, kv_partial = np.asarray(layout.kv_index[row]), np.asarray(layout.kv_partial[row])
+  states = np.full((num_kv.shape[0], layout.num_q.shape[1]), _EMPTY, np.int8)
+  valid = np.arange(kv_index.shape[1]) < num_kv[:, None]
+  q_blocks = np.broadcast_to(np.arange(num_kv.shape[0])[:, None], valid.shape)
+  states[q_blocks[valid], kv_index[valid]] = np.where(kv_partial[valid] >= 0, _PARTIAL, _FULL)
+  return states
+
+
+def _pool(table: np.ndarray, step_q: int, step_k: int, reduce) -> np.ndarray:
+  """`reduce` over (step_q, step_k) cells of a bool table (cells cut at the edges)."""
+  nq, nk = table.shape
+  padded = np.full((-(-nq // step_q) * step_q, -(-nk // step_k) * step_k),
+                   reduce is np.all)  # padding that changes no cell
+  padded[:nq, :nk] = table
+  cells = padded.reshape(padded.shape[0] // step_q, step_q, padded.shape[1] // step_k, step_k)
+  return reduce(cells, axis=(1, 3))
+
+
+def plot_layout(layout: Layout, path, *, heads=None, batch: int = 0):
+  """Writes a PNG (or any format matplotlib infers from `path`) of the layout's blocks per head.
+
+  Full blocks are dark, partial light, empty white; each panel is titled with
+  its head and sparsity. Imports matplotlib (the test/examples extra).
+
+  Args:
+    layout: a `Layout` (concrete, not under jit).
+    path: the file to write.
+    heads: the heads to draw (default: all).
+    batch: the batch element, for layouts with a row per batch.
+
+  Returns:
+    `path`.
+
+  Example:
+    >>> sja.plot_layout(layout, "layout.png", heads=[0, 1])
+  """
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  heads = list(range(layout.num_heads)) if heads is None else list(heads)
+  if not heads:
+    raise ValueError("heads must name at least one head")
+  states = [_block_states(layout, _row(layout, h, batch)) for h in heads]
+  cols = min(len(heads), 4)
+  rows = -(-len(heads) // cols)
+  fig = figure.Figure(figsize=(3 * cols, 3 * rows), layout="constrained")
+  cmap = colors.ListedColormap(["white", "#9ecae1", "#08519c"])
+  for n, (h, table) in enumerate(zip(heads, states)):
+    ax = fig.add_subplot(rows, cols, n + 1)
+    ax.imshow(table, cmap=cmap, vmin=_EMPTY, vmax=_FULL, interpolation="nearest")
+    ax.set_title(f"head {h}: sparsity {np.mean(table == _EMPTY):.1%}", fontsize=9)
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+  fig.suptitle("dark: full blocks, light: partial, white: empty", fontsize=9)
+  fig.savefig(path)
+  return path
+
 
 def active_lists(active: jax.Array, partial_index: jax.Array, size: int):
   """Ascending indices of the active entries along the last axis (traceable).
