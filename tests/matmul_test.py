@@ -136,7 +136,7 @@ class TestPallasTPUInterpret(TestPallasTPU):
   INTERPRET = True
 
 
-@hypothesis.settings(max_examples=6, deadline=None)
+@hypothesis.settings(max_examples=4, deadline=None)
 @hypothesis.given(
     implementation=st.sampled_from(["xla", "pallas_triton"]),
     bk=st.sampled_from([16, 32, 64, 128]), bn=st.sampled_from([16, 32, 64, 128]),

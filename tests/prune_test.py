@@ -417,8 +417,8 @@ def sharded_check():
 
 def test_sharded_params():
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
                           timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr[-3000:]
