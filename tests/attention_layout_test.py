@@ -51,6 +51,13 @@ class _Stripes(sja.Mask):
     return (q + 2 * kv) % 5 < 2
 
 
+class _StrictlyCausal(sja.CausalMask):
+  """A structured mask with a new element rule: its inherited closed form must not be used."""
+
+  def _eval(self, q, kv, xp):
+    return kv < q
+
+
 def _brute(mask, block_q, block_kv):
   q_len, kv_len = mask.shape
   tiles = mask.to_numpy().reshape(q_len // block_q, block_q, kv_len // block_kv, block_kv)
@@ -103,6 +110,7 @@ def test_nested_combinations_equal_brute_force(shape):
       ((m["causal"] | m["local_right"]) & m["local_wide"]) | m["bigbird_causal"],
       sja.NumpyMask(np.random.default_rng(0).random(shape) < 0.7) & m["causal"] | m["local"],
       (_Stripes(shape) | m["chunked"]) & m["a_shape"],
+      _StrictlyCausal(shape) & m["local"],
   ]
   for mask in nested:
     _assert_tables(mask)

@@ -145,6 +145,12 @@ class Mask:
   shape: tuple[int, int]
   _closed_form = False  # whether _any_all is O(blocks), not element evaluation
 
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "_eval" in vars(cls) and not {"_any_all", "_intervals"} & vars(cls).keys():
+      # A new element rule voids the block tables a subclass would inherit.
+      cls._closed_form, cls._intervals, cls._any_all = False, Mask._intervals, Mask._any_all
+
   def _eval(self, q, kv, xp):
     raise NotImplementedError
 
