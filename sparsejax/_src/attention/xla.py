@@ -3,13 +3,28 @@
 Each pair's scores are one small matmul; the softmax runs across the pairs of
 a query block with segment reductions, so the work follows the number of
 active pairs, not the longest row. (batch, head) pairs run one after another
-(`lax.map`), which keeps each one's blocks in cache on CPU. Runs anywhere XLA
-does and is differentiated by JAX (reverse and forward mode).
+(`lax.map`), which keeps each one's blocks in cache on CPU. Segment ids,
+`score_mod` and sinks follow `mods`' conventions. Runs anywhere XLA does and
+is differentiated by JAX (reverse and forward mode, `score_mod`'s captured
+arrays and the sinks included).
 
 The pair lists are derived from the layout's lists of key blocks per query
 block on each call: for a layout that is a constant of the jit (`make_layout`'s,
 closed over), at trace time and exactly; for a traced one (a jit argument,
-`topk_layout` inside the jit), padded to q_blocks * max_kv pairs.
+`topk_layout` inside the jit), padded to `Mods.max_pairs` when the API knows
+that bound (a segment-derived layout keeps its base's), else to
+q_blocks * max_kv. Every list is then rounded up to whole chunks (below).
+
+Memory: a pair holds its gathered query, key and value blocks and its scores.
+When the pairs of a (batch, head) would hold more elements than a dense score
+matrix (q_len * kv_len, and at least `_MIN_CHUNK` so that short sequences run
+in one piece), they run in chunks of consecutive pairs under `lax.scan`, with
+an online softmax (running max, sum and output per query row) carried from
+chunk to chunk and each chunk rematerialized in the backward pass
+(`jax.checkpoint`: what is saved is the carry of each chunk, chunks * q_len *
+(head_dim + 2) floats). So however small the blocks, the temporaries stay
+within those of dense attention (causal, 16x16 blocks, T=16,384: under half
+of `jax.nn.dot_product_attention`'s, forward and backward).
 """
 
 from __future__ import annotations
@@ -24,21 +39,37 @@ from sparsejax._src.attention import block_lists
 from sparsejax._src.attention import layout as layout_lib
 from sparsejax._src.attention import mods as mods_lib
 
+_MIN_CHUNK = 1 << 20  # elements (4 MiB of float32) a chunk may always hold
 
-def _pairs(layout: layout_lib.Layout):
+
+def _num_pairs(layout: layout_lib.Layout, max_pairs: int | None) -> int:
+  """The static length of the pair lists: exact if the layout is concrete, else a bound."""
+  nq, max_kv = layout.kv_index.shape[1:]
+  if _checks.is_concrete(layout.num_kv):
+    return max(int(np.asarray(layout.num_kv).sum(-1).max()), 1)
+  if max_pairs is not None:
+    return max(min(max_pairs, nq * max_kv), 1)
+  return nq * max_kv
+
+
+def _chunking(num_pairs: int, block_q: int, block_kv: int, dim: int, q_len: int,
+              kv_len: int) -> tuple[int, int]:
+  """(chunks, pairs per chunk): chunks holding at most max(q_len * kv_len, _MIN_CHUNK) elements."""
+  per_pair = block_q * block_kv + (block_q + 2 * block_kv) * dim  # scores, q, k and v blocks
+  budget = max(q_len * kv_len, _MIN_CHUNK)
+  chunks = max(-(-num_pairs * per_pair // budget), 1)
+  return chunks, -(-num_pairs // chunks)
+
+
+def _pairs(layout: layout_lib.Layout, size: int):
   """The active block pairs of each layout row, in row-major order (grouped by query block).
 
-  Padded like the lists, to the most pairs of any row if the layout is
-  concrete, else to q_blocks * max_kv.
+  Padded to `size` (at least the most pairs of any row) by repeating the last.
 
   Returns:
-    (count int32[rows], pair_q, pair_kv, pair_partial int32[rows, max_pairs]).
+    (count int32[rows], pair_q, pair_kv, pair_partial int32[rows, size]).
   """
-  rows, nq, max_kv = layout.kv_index.shape
-  if _checks.is_concrete(layout.num_kv):
-    size = max(int(np.asarray(layout.num_kv).sum(-1).max()), 1)
-  else:
-    size = nq * max_kv
+  rows, _, max_kv = layout.kv_index.shape
   with jax.ensure_compile_time_eval():
     valid = jnp.arange(max_kv)[None, None, :] < layout.num_kv[..., None]
     count, flat, partial = layout_lib.active_lists(
@@ -54,46 +85,78 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.L
   Args:
     q: [batch, q_len, heads, head_dim]
     k, v: [batch, kv_len, kv_heads, head_dim], kv_heads dividing heads.
-    layout: a `Layout` for these lengths and heads.
+    layout: a `Layout` for these lengths and heads (segment-derived if
+      `mods` has segment ids).
     sm_scale: softmax scale.
+    mods: segment ids, `score_mod` and sinks; `max_pairs` sizes the pair
+      lists of a traced layout.
 
   Returns:
-    [batch, q_len, heads, head_dim] in q's dtype; 0 in rows with no visible key.
+    [batch, q_len, heads, head_dim] in q's dtype; 0 in rows with no visible
+    key (a sink has no value).
   """
-  if not mods.empty:
-    raise NotImplementedError("segment ids, score_mod and sinks: not yet in the xla path")
   batch, q_len, heads, dim = q.shape
   if batch == 0:
     return jnp.zeros(q.shape, q.dtype)
-  kv_heads = k.shape[2]
+  kv_len, kv_heads = k.shape[1], k.shape[2]
   group = heads // kv_heads
   bq, bkv = layout.block_q, layout.block_kv
-  nq, nk = q_len // bq, k.shape[1] // bkv
-  num_pairs, pair_q, pair_kv, pair_partial = _pairs(layout)
+  nq, nk = q_len // bq, kv_len // bkv
+  chunks, per_chunk = _chunking(_num_pairs(layout, mods.max_pairs), bq, bkv, dim, q_len, kv_len)
+  num_pairs, pair_q, pair_kv, pair_partial = _pairs(layout, chunks * per_chunk)
   qb = q.reshape(batch, nq, bq, heads, dim).transpose(0, 3, 1, 2, 4)  # [b, h, nq, bq, d]
   kb = k.reshape(batch, nk, bkv, kv_heads, dim).transpose(0, 3, 1, 2, 4)
   vb = v.reshape(batch, nk, bkv, kv_heads, dim).transpose(0, 3, 1, 2, 4)
 
   def one_head(args):
     b, h, row = args
-    pq, pkv, part = pair_q[row], pair_kv[row], pair_partial[row]
-    valid = jnp.arange(pq.shape[0]) < num_pairs[row]
-    qg, kg, vg = qb[b, h][pq], kb[b, h // group][pkv], vb[b, h // group][pkv]
-    s = jnp.einsum("pid,pjd->pij", qg, kg, preferred_element_type=jnp.float32) * sm_scale
-    visible = jnp.where((part >= 0)[:, None, None], layout.partial[jnp.maximum(part, 0)], True)
-    s = jnp.where(visible & valid[:, None, None], s, -jnp.inf)
-    # Softmax over all pairs of a query block: segment max and sums by pair_q.
-    segment = lambda op, x: op(x, pq, num_segments=nq, indices_are_sorted=True)
-    m = segment(jax.ops.segment_max, lax.stop_gradient(jnp.max(s, axis=-1)))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)  # [nq, bq]
-    p = jnp.exp(s - m[pq][..., None])
-    l = segment(jax.ops.segment_sum, jnp.sum(p, axis=-1))
-    pv = jnp.einsum("pij,pjd->pid", p, vg.astype(jnp.float32))
-    return segment(jax.ops.segment_sum, pv) / jnp.where(l == 0, 1.0, l)[..., None]
+    q_h, k_h, v_h = qb[b, h], kb[b, h // group], vb[b, h // group]
+    segment = lambda op, x, pq: op(x, pq, num_segments=nq, indices_are_sorted=True)  # noqa: E731
+
+    def step(carry, chunk):
+      """Online softmax over one chunk of pairs: running max, sum and output per query row."""
+      m_run, l_run, o_run = carry  # [nq, bq], [nq, bq], [nq, bq, d]
+      pq, pkv, part, valid = chunk  # [pairs] each
+      s = jnp.einsum("pid,pjd->pij", q_h[pq], k_h[pkv],
+                     preferred_element_type=jnp.float32) * sm_scale
+      q_idx = pq[:, None, None] * bq + jnp.arange(bq, dtype=jnp.int32)[None, :, None]
+      kv_idx = pkv[:, None, None] * bkv + jnp.arange(bkv, dtype=jnp.int32)[None, None, :]
+      if mods.score_mod is not None:
+        s = mods.score_mod(s, b, h, q_idx, kv_idx).astype(jnp.float32)
+      visible = jnp.where((part >= 0)[:, None, None], layout.partial[jnp.maximum(part, 0)], True)
+      visible = visible & valid[:, None, None]
+      if mods.segments:
+        visible = visible & (mods.q_segment_ids[b][q_idx] == mods.kv_segment_ids[b][kv_idx])
+      s = jnp.where(visible, s, -jnp.inf)
+      m_chunk = segment(jax.ops.segment_max, lax.stop_gradient(jnp.max(s, axis=-1)), pq)
+      m_new = jnp.maximum(m_run, m_chunk)
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      alpha = jnp.exp(m_run - m_safe)  # 0 where nothing was seen yet
+      p = jnp.exp(s - m_safe[pq][..., None])
+      l_new = l_run * alpha + segment(jax.ops.segment_sum, jnp.sum(p, axis=-1), pq)
+      pv = jnp.einsum("pij,pjd->pid", p, v_h[pkv].astype(jnp.float32))
+      o_new = o_run * alpha[..., None] + segment(jax.ops.segment_sum, pv, pq)
+      return (m_new, l_new, o_new), None
+
+    if mods.sinks is None:
+      m0, l0 = jnp.full((nq, bq), -jnp.inf), jnp.zeros((nq, bq))
+    else:  # the sink starts each row: its logit is the first max, exp(sink - max) the first sum
+      sink = mods.sinks[h]
+      m0 = jnp.full((nq, bq), lax.stop_gradient(sink))
+      l0 = jnp.broadcast_to(jnp.exp(sink - lax.stop_gradient(sink)), (nq, bq))
+    slot = jnp.arange(chunks * per_chunk)
+    pairs = (pair_q[row], pair_kv[row], pair_partial[row], slot < num_pairs[row])
+    init = (m0, l0, jnp.zeros((nq, bq, dim)))
+    if chunks == 1:
+      (_, l, o), _ = step(init, pairs)
+    else:
+      pairs = tuple(x.reshape(chunks, per_chunk) for x in pairs)
+      (_, l, o), _ = lax.scan(jax.checkpoint(step), init, pairs)
+    return o / jnp.where(l == 0, 1.0, l)[..., None]
 
   rows = block_lists.head_rows(layout, batch).reshape(-1)  # [b * h]
-  b_ix = jnp.repeat(jnp.arange(batch), heads)
-  h_ix = jnp.tile(jnp.arange(heads), batch)
+  b_ix = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), heads)
+  h_ix = jnp.tile(jnp.arange(heads, dtype=jnp.int32), batch)
   o = lax.map(one_head, (b_ix, h_ix, rows))  # [b * h, nq, bq, d]
   o = o.reshape(batch, heads, q_len, dim).transpose(0, 2, 1, 3)
   return o.astype(q.dtype)
