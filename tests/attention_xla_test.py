@@ -108,8 +108,11 @@ def test_segment_layout_pairs_sized_by_the_base_bound():
                                       score_mod=lambda s, b, h, i, j: 2.0 * jnp.tanh(s / 2.0))
 
   jaxpr = str(jax.make_jaxpr(lambda *a: attend("xla", *a))(q, k, v, ids))
-  # The pair lists of each (batch, head), as lax.map's body reads them.
-  assert f"i32[{bound}]" in jaxpr and f"i32[{nq * nq}]" not in jaxpr
+  # The pair lists of each (batch, head) in chunks (the ones past its count skipped).
+  chunks, per_chunk = xla._chunking(bound, block, block, 16, t, t, traced=True)  # pylint: disable=protected-access
+  assert chunks * per_chunk < nq * layout.kv_index.shape[-1]
+  assert f"i32[{chunks},{per_chunk}]" in jaxpr and f"i32[{nq * nq}]" not in jaxpr
+  assert "cond[" in jaxpr
   got = jax.jit(attend, static_argnums=0)("xla", q, k, v, ids)
   want = jax.jit(attend, static_argnums=0)("reference", q, k, v, ids)
   assert float(jnp.abs(want).max()) > 0.1

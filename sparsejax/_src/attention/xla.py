@@ -13,7 +13,11 @@ block on each call: for a layout that is a constant of the jit (`make_layout`'s,
 closed over), at trace time and exactly; for a traced one (a jit argument,
 `topk_layout` inside the jit), padded to `Mods.max_pairs` when the API knows
 that bound (a segment-derived layout keeps its base's), else to
-q_blocks * max_kv. Every list is then rounded up to whole chunks (below).
+q_blocks * max_kv. Every list is then rounded up to whole chunks (below). A
+traced layout's pairs run in up to 16 chunks, and a chunk past the row's
+count is skipped (`lax.cond`): with segment ids, the work follows the blocks
+where documents meet, not the base layout's bound. (Under `jax.vmap` of the
+call the cond becomes a select and every chunk runs.)
 
 Memory: a pair holds its gathered query, key and value blocks and its scores.
 When the pairs of a (batch, head) would hold more elements than a dense score
@@ -40,6 +44,7 @@ from sparsejax._src.attention import layout as layout_lib
 from sparsejax._src.attention import mods as mods_lib
 
 _MIN_CHUNK = 1 << 20  # elements (4 MiB of float32) a chunk may always hold
+_TRACED_CHUNKS = 16  # chunks of a traced layout's pairs, the ones past its count skipped
 
 
 def _num_pairs(layout: layout_lib.Layout, max_pairs: int | None) -> int:
@@ -53,11 +58,17 @@ def _num_pairs(layout: layout_lib.Layout, max_pairs: int | None) -> int:
 
 
 def _chunking(num_pairs: int, block_q: int, block_kv: int, dim: int, q_len: int,
-              kv_len: int) -> tuple[int, int]:
-  """(chunks, pairs per chunk): chunks holding at most max(q_len * kv_len, _MIN_CHUNK) elements."""
+              kv_len: int, traced: bool = False) -> tuple[int, int]:
+  """(chunks, pairs per chunk): chunks holding at most max(q_len * kv_len, _MIN_CHUNK) elements.
+
+  A traced layout's pairs also run in chunks of at most `_TRACED_CHUNKS`-th of
+  the bound, so that the chunks past a row's count can be skipped.
+  """
   per_pair = block_q * block_kv + (block_q + 2 * block_kv) * dim  # scores, q, k and v blocks
   budget = max(q_len * kv_len, _MIN_CHUNK)
   chunks = max(-(-num_pairs * per_pair // budget), 1)
+  if traced:
+    chunks = max(chunks, min(_TRACED_CHUNKS, num_pairs))
   return chunks, -(-num_pairs // chunks)
 
 
@@ -102,7 +113,9 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.L
   group = heads // kv_heads
   bq, bkv = layout.block_q, layout.block_kv
   nq, nk = q_len // bq, kv_len // bkv
-  chunks, per_chunk = _chunking(_num_pairs(layout, mods.max_pairs), bq, bkv, dim, q_len, kv_len)
+  traced = not _checks.is_concrete(layout.num_kv)
+  chunks, per_chunk = _chunking(_num_pairs(layout, mods.max_pairs), bq, bkv, dim, q_len, kv_len,
+                                traced)
   num_pairs, pair_q, pair_kv, pair_partial = _pairs(layout, chunks * per_chunk)
   qb = q.reshape(batch, nq, bq, heads, dim).transpose(0, 3, 1, 2, 4)  # [b, h, nq, bq, d]
   kb = k.reshape(batch, nk, bkv, kv_heads, dim).transpose(0, 3, 1, 2, 4)
@@ -151,7 +164,11 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, layout: layout_lib.L
       (_, l, o), _ = step(init, pairs)
     else:
       pairs = tuple(x.reshape(chunks, per_chunk) for x in pairs)
-      (_, l, o), _ = lax.scan(jax.checkpoint(step), init, pairs)
+      body = step
+      if traced:  # active pairs come first: a chunk whose first pair is padding is all padding
+        body = lambda carry, chunk: lax.cond(  # noqa: E731
+            chunk[3][0], step, lambda c, _: (c, None), carry, chunk)
+      (_, l, o), _ = lax.scan(jax.checkpoint(body), init, pairs)
     return o / jnp.where(l == 0, 1.0, l)[..., None]
 
   rows = block_lists.head_rows(layout, batch).reshape(-1)  # [b * h]
