@@ -16,6 +16,11 @@ trained from the same initialization on the same batches:
 
 The default corpus is Python source from the standard library (it ships with
 every Python, nothing is downloaded); `--text_file` trains on your own text.
+With `--documents`, the corpus is cut into documents (blocks of source
+between blank lines, a few hundred bytes each) packed back to back with a
+separator byte, and every attention kind attends within its document only:
+the model derives segment ids from the separators and passes them to
+`block_sparse_attention` (dense attention gets the equivalent boolean mask).
 The script prints validation loss per configuration beside dense, with the
 attention density each used, and writes the loss curves to a PNG.
 
@@ -62,6 +67,9 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Validation batches.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _PLOT_PATH = flags.DEFINE_string("plot_path", "train_lm.png", "Loss-curve PNG ('' for none).")
+_DOCUMENTS = flags.DEFINE_bool("documents", False, "Packed documents: attend within each only.")
+
+SEPARATOR = 0  # the byte between packed documents (never in text)
 
 _FFN_BLOCK = (16, 16)  # tile of the block-sparse FFN
 
@@ -80,6 +88,9 @@ def load_corpus(path):
     stdlib = sysconfig.get_paths()["stdlib"]
     data = b"".join(open(os.path.join(stdlib, m + ".py"), "rb").read()  # pylint: disable=consider-using-with
                     for m in _CORPUS_MODULES if os.path.exists(os.path.join(stdlib, m + ".py")))
+  if _DOCUMENTS.value:  # documents: blocks between blank lines, packed with a separator
+    documents = [d for d in data.replace(bytes([SEPARATOR]), b"").split(b"\n\n") if d.strip()]
+    data = bytes([SEPARATOR]).join(documents)
   if len(data) < 20 * (_SEQ.value + 1):
     raise app.UsageError(f"the corpus has {len(data)} bytes; need at least {20 * (_SEQ.value + 1)}")
   return np.frombuffer(data, np.uint8)
@@ -108,8 +119,16 @@ def attention_layout(kind):
   return sja.make_layout(mask, num_heads=h, block_q=b, block_kv=b)
 
 
-def attention_density(kind):
+def attention_density(kind, tokens=None):
+  """Share of block pairs computed; with documents, averaged over the `tokens` batch."""
   n = _SEQ.value // _BLOCK.value
+  if tokens is not None and kind != "topk":
+    t = _SEQ.value
+    layout = attention_layout(kind) or sja.make_layout(
+        sja.CausalMask((t, t)), num_heads=_HEADS.value, block_q=_BLOCK.value,
+        block_kv=_BLOCK.value)
+    ids = jnp.cumsum(jnp.asarray(tokens) == SEPARATOR, axis=1)
+    return float(sja.segment_layout(layout, ids).density())
   if kind == "dense":
     return (n + 1) / (2 * n)  # causal blocks: on and below the diagonal
   if kind == "topk":
@@ -125,18 +144,21 @@ class Attention(nnx.Module):
     self.qkv = nnx.Linear(d, 3 * d, use_bias=False, rngs=rngs)
     self.out = nnx.Linear(d, d, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, segment_ids=None):
     b, t, d = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * _HEADS.value, d // _HEADS.value), 3, axis=2)
-    if self.kind == "dense":
+    if self.kind == "dense" and segment_ids is None:
       o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    elif self.kind == "dense":  # causal & same document, as a dense boolean mask
+      same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+      o = jax.nn.dot_product_attention(q, k, v, mask=same & jnp.tril(jnp.ones((t, t), bool)))
     else:
       if self.kind == "topk":
         layout = sja.topk_layout(q, k, block_q=_BLOCK.value, block_kv=_BLOCK.value,
                                  k_blocks=_K_BLOCKS.value, causal=True)
       else:
         layout = attention_layout(self.kind)  # host-side and cached: a constant under jit
-      o = sja.block_sparse_attention(q, k, v, layout)
+      o = sja.block_sparse_attention(q, k, v, layout, q_segment_ids=segment_ids)
     return self.out(o.reshape(b, t, d))
 
 
@@ -154,8 +176,8 @@ class TransformerBlock(nnx.Module):
     self.up = linear(d, 4 * d, rngs=rngs)
     self.down = linear(4 * d, d, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.attention(self.norm1(x))
+  def __call__(self, x, segment_ids=None):
+    x = x + self.attention(self.norm1(x), segment_ids)
     return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
 
 
@@ -171,8 +193,10 @@ class LM(nnx.Module):
 
   def __call__(self, tokens):
     x = self.embed(tokens) + self.position[...][None]
+    # Packed documents: a separator starts the next document.
+    segment_ids = jnp.cumsum(tokens == SEPARATOR, axis=1) if _DOCUMENTS.value else None
     for block in self.blocks:
-      x = block(x)
+      x = block(x, segment_ids)
     return self.embed.attend(self.norm(x))
 
 
@@ -245,6 +269,10 @@ def main(argv):
   print(f"{source}: {len(data) / 1e6:.2f} MB; byte-level LM, {_LAYERS.value} blocks, width "
         f"{_DIM.value}, {_HEADS.value} heads, seq {_SEQ.value}, batch {_BATCH.value}, "
         f"{_STEPS.value} steps per configuration")
+  if _DOCUMENTS.value:
+    count = int(np.sum(data == SEPARATOR)) + 1
+    print(f"packed documents: {count}, mean length {len(data) / count:.0f} bytes; attention "
+          "within each document (density below: over the first validation batch)")
 
   configs = [(a, "dense") for a in _ATTENTION.value]
   configs += [("dense", f) for f in _FFN.value if f != "dense"]
@@ -256,7 +284,8 @@ def main(argv):
   print("\n| attention | attention density | FFN | FFN sparsity | val loss | vs dense |")
   print("| --- | ---: | --- | ---: | ---: | ---: |")
   for (attention, ffn), (val, sparsity, _) in results.items():
-    print(f"| {attention} | {attention_density(attention):.3f} | {ffn} | {sparsity:.3f} | "
+    density = attention_density(attention, val_batches[0][0] if _DOCUMENTS.value else None)
+    print(f"| {attention} | {density:.3f} | {ffn} | {sparsity:.3f} | "
           f"{val:.4f} | {val - base:+.4f} |")
 
   if _PLOT_PATH.value:

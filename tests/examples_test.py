@@ -132,7 +132,8 @@ def test_train_lm_runs_every_kind(tmp_path):
   out = run_example("train_lm.py", "--attention=s2,topk", "--ffn=rigl,n_m,block",
                     "--steps=4", "--seq=64", "--block=16", "--window=16", "--k_blocks=2",
                     "--dim=32", "--heads=2", "--layers=1", "--batch=4", "--eval_batches=2",
-                    "--ffn_sparsity=0.5", "--plot_path=lm.png", cwd=tmp_path)
+                    "--ffn_sparsity=0.5", "--plot_path=lm.png", "--documents", cwd=tmp_path)
+  assert "packed documents:" in out  # attention within documents, by segment ids
   cells = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
   rows = {(c[0], c[2], c[3]): c for c in cells[2:]}  # (attention, FFN, FFN sparsity)
   assert len(rows) == 6  # the dense baseline, 2 attention kinds, 3 FFN kinds
