@@ -27,16 +27,39 @@ def describe(error):
   return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def attempt(fn, *args, repeats):
-  """`(timed(fn, *args), None)`, or `(None, describe(error))` if it raises.
+def timed_rounds(calls, *, repeats):
+  """Median wall time of each `fn(*args)` in `calls` over rounds that interleave them.
 
-  One row that an implementation does not support (NotImplementedError) or
-  that fails to compile or runs out of memory must not end the benchmark.
+  Every call runs once to compile, then each round runs each call once, so a
+  load that drifts on a shared machine moves all of them alike and their
+  ratios hold. A call that raises (an implementation that does not support
+  the row yet, a failed compile, out of memory) gets ``(None, describe(e))``
+  and leaves the rounds; the others go on.
+
+  Returns:
+    a list of ``(seconds or None, error or None)``, one per call.
   """
-  try:
-    return timed(fn, *args, repeats=repeats), None
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    return None, describe(e)
+  errors = [None] * len(calls)
+  times = [[] for _ in calls]
+
+  def run(i):
+    fn, args = calls[i]
+    try:
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      return time.perf_counter() - start
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      errors[i] = describe(e)
+      return None
+
+  for i in range(len(calls)):
+    run(i)
+  for _ in range(repeats):
+    for i in range(len(calls)):
+      if errors[i] is None:
+        times[i].append(run(i))
+  return [(float(np.median(t)) if errors[i] is None else None, errors[i])
+          for i, t in enumerate(times)]
 
 
 class Rows:

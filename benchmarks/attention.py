@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import attention as sja
-from _common import Rows, attempt, implementations  # pylint: disable=g-multiple-import
+from _common import Rows, implementations, timed_rounds  # pylint: disable=g-multiple-import
 
 _BACKEND = flags.DEFINE_string("backend", None, "cpu, gpu or tpu (default: jax's default).")
 _SEQS = flags.DEFINE_list("seqs", None, "Sequence lengths (default: 1024,4096; GPU adds 16384).")
@@ -168,14 +168,27 @@ def dense_jnp(q, k, v, sinks=None, *, softcap=None):
   return jnp.einsum("bhqk,bkhd->bqhd", (p / denom).astype(v.dtype), v)
 
 
-def measure(fn, args, repeats, backward):
-  """Forward and forward+backward (dq, dk, dv) seconds of `fn(*args)` under jit, and an error."""
-  t_fwd, error = attempt(jax.jit(fn), *args, repeats=repeats)
-  t_bwd = None
-  if backward and error is None:
-    loss = lambda *a: fn(*a).astype(jnp.float32).sum()  # noqa: E731
-    t_bwd, error = attempt(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args, repeats=repeats)
-  return t_fwd, t_bwd, error
+def measure(cases, repeats, backward):
+  """Forward and forward+backward (dq, dk, dv) seconds of each `fn(*args)` in `cases`, jitted.
+
+  All of them are timed in the same interleaved rounds (`timed_rounds`), so
+  the ratios between them hold on a shared machine.
+
+  Returns:
+    a list of ``(fwd_s, fwd_bwd_s, error)``, None where it failed.
+  """
+  calls = []
+  for fn, args in cases:
+    calls.append((jax.jit(fn), args))
+    if backward:
+      loss = lambda *a, fn=fn: fn(*a).astype(jnp.float32).sum()  # noqa: E731
+      calls.append((jax.jit(jax.grad(loss, argnums=(0, 1, 2))), args))
+  times = iter(timed_rounds(calls, repeats=repeats))
+  out = []
+  for _ in cases:
+    (t_fwd, error), (t_bwd, error_bwd) = next(times), next(times) if backward else (None, None)
+    out.append((t_fwd, t_bwd, error or error_bwd))
+  return out
 
 
 def dense_baselines(backend, causal):
@@ -195,39 +208,32 @@ def ratio(a, b, width=7):
 
 def pattern_rows(t, d, qkv, impls, backend, rows, opts):
   """The mask-pattern table at one sequence length and head size."""
-  h, block, repeats, backward = opts["heads"], opts["block"], opts["repeats"], opts["backward"]
+  h, block = opts["heads"], opts["block"]
   b = qkv[0].shape[0]
   flops_full = 4.0 * b * h * t * t * d
-  print(f"\nseq {t}, head_dim {d}")
-  print(f"{'pattern':<12} {'impl':<14} {'density':>7} {'fwd ms':>9} {'TFLOP/s':>8} "
-        f"{'eff':>5} | {'fwd+bwd ms':>10} {'TFLOP/s':>8} {'eff':>5}")
-  found = []
+  cases = []  # (row fields, fn)
   for causal in (False, True):
     for name, fn in dense_baselines(backend, causal):
-      found.append(rows.add(section="patterns", seq=t, head_dim=d,
-                            pattern="causal" if causal else "full", impl=name, kind="dense",
-                            density=0.5 if causal else 1.0,
-                            **dict(zip(("fwd_s", "fwd_bwd_s", "error"),
-                                       measure(fn, qkv, repeats, backward)))))
-  dense_full = found[0]["fwd_s"]
-  full_time, target = {}, None
+      cases.append((dict(pattern="causal" if causal else "full", impl=name, kind="dense",
+                         density=0.5 if causal else 1.0), fn))
   for pattern in opts["patterns"]:
     layout = sja.make_layout(make_mask(pattern, t, h, block), num_heads=h, block_q=block,
                              block_kv=block)
-    density = float(layout.density())
     for impl in impls:
       # The layout is a constant of the jit, as in a model (examples/train_lm.py).
-      fn = lambda q, k, v, lay=layout, i=impl: sja.block_sparse_attention(  # noqa: E731
-          q, k, v, lay, implementation=i)
-      t_fwd, t_bwd, error = measure(fn, qkv, repeats, backward)
-      if pattern == "full":
-        full_time[impl] = (t_fwd, t_bwd)
-      found.append(rows.add(section="patterns", seq=t, head_dim=d, pattern=pattern, impl=impl,
-                            kind="sparse", density=density, fwd_s=t_fwd, fwd_bwd_s=t_bwd,
-                            error=error))
-      if (backend == "cpu" and impl == "xla" and pattern == "random_1/8" and t == 4096
-          and t_fwd is not None and dense_full):
-        target = (t_fwd / dense_full, density)
+      cases.append((dict(pattern=pattern, impl=impl, kind="sparse",
+                         density=float(layout.density())),
+                    lambda q, k, v, lay=layout, i=impl: sja.block_sparse_attention(
+                        q, k, v, lay, implementation=i)))
+  times = measure([(fn, qkv) for _, fn in cases], opts["repeats"], opts["backward"])
+  found = [rows.add(section="patterns", seq=t, head_dim=d, **fields, fwd_s=t_fwd,
+                    fwd_bwd_s=t_bwd, error=error)
+           for (fields, _), (t_fwd, t_bwd, error) in zip(cases, times)]
+  full_time = {r["impl"]: (r["fwd_s"], r["fwd_bwd_s"]) for r in found
+               if r["kind"] == "sparse" and r["pattern"] == "full"}
+  print(f"\nseq {t}, head_dim {d}")
+  print(f"{'pattern':<12} {'impl':<14} {'density':>7} {'fwd ms':>9} {'TFLOP/s':>8} "
+        f"{'eff':>5} | {'fwd+bwd ms':>10} {'TFLOP/s':>8} {'eff':>5}")
   for row in found:
     base = full_time.get(row["impl"], (None, None))
     density, t_fwd, t_bwd = row["density"], row["fwd_s"], row["fwd_bwd_s"]
@@ -237,100 +243,113 @@ def pattern_rows(t, d, qkv, impls, backend, rows, opts):
         f"{f * flops_full * density / s / 1e12:8.3f}" if s else f"{'':>8}")
     line = (f"{row['pattern']:<12} {row['impl']:<14} {density:7.3f} {ms(t_fwd, 9)} "
             f"{tflops(t_fwd)} {eff(base[0], t_fwd)}")
-    if backward:
+    if opts["backward"]:
       line += f" | {ms(t_bwd, 10)} {tflops(t_bwd, 3.5)} {eff(base[1], t_bwd)}"
     if row["error"]:
       line += f"  ({row['error'][:100]})"
     print(line, flush=True)
-  if target:
-    print(f"target (CPU, xla, density {target[1]:.3f}, seq 4096): "
-          f"{target[0]:.3f}x the dense full-attention forward time (goal <= 0.2)")
+  dense_full = found[0]["fwd_s"]
+  for row in found:
+    if (backend == "cpu" and row["impl"] == "xla" and row["pattern"] == "random_1/8"
+        and t == 4096 and row["fwd_s"] and dense_full):
+      print(f"target (CPU, xla, density {row['density']:.3f}, seq 4096): "
+            f"{row['fwd_s'] / dense_full:.3f}x the dense full-attention forward time "
+            "(goal <= 0.2)")
 
 
-def mod_rows(t, d, qkv, impls, backend, rows, opts):
-  """Packed documents, soft-cap and sinks at one sequence length and head size."""
-  h, block, repeats, backward = opts["heads"], opts["block"], opts["repeats"], opts["backward"]
-  b = qkv[0].shape[0]
+def mod_groups(t, impls, backend, opts, batch):
+  """(group, [(row fields, fn, extra args)]): the rows of each score modifier, dense base first."""
+  h, block = opts["heads"], opts["block"]
   causal_layout = sja.make_layout(sja.CausalMask((t, t)), num_heads=h, block_q=block,
                                   block_kv=block)
   causal_density = float(causal_layout.density())
-  print(f"\nscore modifiers: seq {t}, head_dim {d}, causal; vs base = / the group's first "
-        f"(dense) row, vs causal = / dense causal {dense_baselines(backend, True)[0][0]}")
-  print(f"{'rows':<20} {'impl':<16} {'density':>7} {'fwd ms':>9} {'vs base':>7} "
-        f"{'vs causal':>9} | {'f+b ms':>9} {'vs base':>7} {'vs causal':>9}")
-  state = {"causal": None, "base": None}
+  dense_name, dense_causal = dense_baselines(backend, True)[0]
+  row = lambda name, impl, kind, density: dict(pattern=name, impl=impl, kind=kind,  # noqa: E731
+                                               density=density)
 
-  def run(group, name, impl, kind, density, fn, extra=()):
-    t_fwd, t_bwd, error = measure(fn, tuple(qkv) + tuple(extra), repeats, backward)
-    row = rows.add(section="mods", seq=t, head_dim=d, group=group, pattern=name, impl=impl,
-                   kind=kind, density=density, fwd_s=t_fwd, fwd_bwd_s=t_bwd, error=error)
-    if state["base"] is None or state["base"]["group"] != group:
-      state["base"] = row
-    if state["causal"] is None:
-      state["causal"] = row
-    base, causal = state["base"], state["causal"]
-    line = (f"{name:<20} {impl:<16} {density:7.3f} {ms(t_fwd, 9)} "
-            f"{ratio(t_fwd, base['fwd_s'])} {ratio(t_fwd, causal['fwd_s'], 9)}")
-    if backward:
-      line += (f" | {ms(t_bwd, 9)} {ratio(t_bwd, base['fwd_bwd_s'])} "
-               f"{ratio(t_bwd, causal['fwd_bwd_s'], 9)}")
-    if error:
-      line += f"  ({error[:100]})"
-    print(line, flush=True)
-
-  def sparse(layout, impl, **kwargs):
+  def sparse(impl, layout=causal_layout, **kwargs):
     return lambda q, k, v: sja.block_sparse_attention(q, k, v, layout, implementation=impl,
                                                       **kwargs)
 
-  for name, fn in dense_baselines(backend, True):
-    run("causal", "causal", name, "dense", 0.5, fn)
-  for impl in impls:
-    run("causal", "causal", impl, "sparse", causal_density, sparse(causal_layout, impl))
-
+  yield "causal", ([(row("causal", name, "dense", 0.5), fn, ())
+                    for name, fn in dense_baselines(backend, True)]
+                   + [(row("causal", impl, "sparse", causal_density), sparse(impl), ())
+                      for impl in impls])
   rng = np.random.default_rng(t)
   for mean in (opts["doc_lens"] if "packed" in opts["mods"] else []):
     ids = packed_ids(t, mean, rng)
     group = f"docs {mean}"
-    same = ids[:, None] == ids[None, :]
-    mask = np.tril(same)
-    batch_ids = jnp.asarray(np.tile(ids, (b, 1)))
-    name, fn = dense_baselines(backend, True)[0]
-    run(group, group, f"{name} mask", "dense", float(mask.mean()), fn,
-        (jnp.asarray(np.broadcast_to(mask, (b, 1, t, t))),))
+    mask = np.tril(ids[:, None] == ids[None, :])
+    batch_ids = jnp.asarray(np.tile(ids, (batch, 1)))
+    cases = [(row(group, f"{dense_name} mask", "dense", float(mask.mean())), dense_causal,
+              (jnp.asarray(np.broadcast_to(mask, (batch, 1, t, t))),))]
     if backend == "gpu":
       starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-      lengths = np.diff(np.r_[starts, t])
-      run(group, group, "cudnn packed", "dense", float(mask.mean()), cudnn_packed,
-          (jnp.asarray(np.tile(lengths, (b, 1)), jnp.int32),
-           jnp.asarray(np.tile(np.r_[starts, -1], (b, 1)), jnp.int32)))
-      run(group, group, "pallas mha ids", "dense", float(mask.mean()), pallas_mha(True),
-          (batch_ids,))
+      cases += [(row(group, "cudnn packed", "dense", float(mask.mean())), cudnn_packed,
+                 (jnp.asarray(np.tile(np.diff(np.r_[starts, t]), (batch, 1)), jnp.int32),
+                  jnp.asarray(np.tile(np.r_[starts, -1], (batch, 1)), jnp.int32))),
+                (row(group, "pallas mha ids", "dense", float(mask.mean())), pallas_mha(True),
+                 (batch_ids,))]
     seg_density = float(sja.segment_layout(causal_layout, batch_ids).density())
-    for impl in impls:
-      run(group, f"{group}, ids", impl, "sparse", seg_density,
-          lambda q, k, v, ids, i=impl: sja.block_sparse_attention(
-              q, k, v, causal_layout, q_segment_ids=ids, implementation=i), (batch_ids,))
+    cases += [(row(f"{group}, ids", impl, "sparse", seg_density),
+               lambda q, k, v, ids, i=impl: sja.block_sparse_attention(
+                   q, k, v, causal_layout, q_segment_ids=ids, implementation=i), (batch_ids,))
+              for impl in impls]
     doc_layout = sja.make_layout(sja.CausalMask((t, t)) & DocumentMask(tuple(ids.tolist())),
                                  num_heads=h, block_q=block, block_kv=block)
-    for impl in impls:
-      run(group, f"{group}, layout", impl, "sparse", float(doc_layout.density()),
-          sparse(doc_layout, impl))
-
+    cases += [(row(f"{group}, layout", impl, "sparse", float(doc_layout.density())),
+               sparse(impl, doc_layout), ()) for impl in impls]
+    yield group, cases
   if "softcap" in opts["mods"]:
     cap = opts["softcap"]
     group = f"softcap {cap:g}"
-    run(group, group, "jnp", "dense", 0.5, lambda q, k, v: dense_jnp(q, k, v, softcap=cap))
-    for impl in impls:
-      run(group, group, impl, "sparse", causal_density, sparse(
-          causal_layout, impl, score_mod=lambda s, *_: cap * jnp.tanh(s / cap)))
-
+    yield group, ([(row(group, "jnp", "dense", 0.5),
+                    lambda q, k, v: dense_jnp(q, k, v, softcap=cap), ())]
+                  + [(row(group, impl, "sparse", causal_density),
+                      sparse(impl, score_mod=lambda s, *_: cap * jnp.tanh(s / cap)), ())
+                     for impl in impls])
   if "sinks" in opts["mods"]:
     sinks = (jnp.asarray(np.random.default_rng(1).standard_normal(h, np.float32)),)
-    run("sinks", "sinks", "jnp", "dense", 0.5, dense_jnp, sinks)
-    for impl in impls:
-      run("sinks", "sinks", impl, "sparse", causal_density,
-          lambda q, k, v, s, i=impl: sja.block_sparse_attention(
-              q, k, v, causal_layout, sinks=s, implementation=i), sinks)
+    yield "sinks", ([(row("sinks", "jnp", "dense", 0.5), dense_jnp, sinks)]
+                    + [(row("sinks", impl, "sparse", causal_density),
+                        lambda q, k, v, s, i=impl: sja.block_sparse_attention(
+                            q, k, v, causal_layout, sinks=s, implementation=i), sinks)
+                       for impl in impls])
+
+
+def mod_rows(t, d, qkv, impls, backend, rows, opts):
+  """Packed documents, soft-cap and sinks at one sequence length and head size.
+
+  Each group is timed in rounds of its own with dense causal attention
+  beside it, so "vs causal" holds within the group as "vs base" does.
+  """
+  backward = opts["backward"]
+  dense_name, dense_causal = dense_baselines(backend, True)[0]
+  print(f"\nscore modifiers: seq {t}, head_dim {d}, causal; vs base = / the group's first "
+        f"(dense) row, vs causal = / dense causal {dense_name}")
+  print(f"{'rows':<20} {'impl':<16} {'density':>7} {'fwd ms':>9} {'vs base':>7} "
+        f"{'vs causal':>9} | {'f+b ms':>9} {'vs base':>7} {'vs causal':>9}")
+  for group, cases in mod_groups(t, impls, backend, opts, qkv[0].shape[0]):
+    if group != "causal":  # the reference, timed again in this group's rounds
+      cases = [(None, dense_causal, ())] + cases
+    times = measure([(fn, tuple(qkv) + tuple(extra)) for _, fn, extra in cases],
+                    opts["repeats"], backward)
+    causal_fwd, causal_bwd, _ = times[0]
+    if group != "causal":
+      cases, times = cases[1:], times[1:]
+    base_fwd, base_bwd, _ = times[0]
+    for (fields, _, _), (t_fwd, t_bwd, error) in zip(cases, times):
+      rows.add(section="mods", seq=t, head_dim=d, group=group, **fields, fwd_s=t_fwd,
+               fwd_bwd_s=t_bwd, error=error, causal_fwd_s=causal_fwd,
+               causal_fwd_bwd_s=causal_bwd)
+      line = (f"{fields['pattern']:<20} {fields['impl']:<16} {fields['density']:7.3f} "
+              f"{ms(t_fwd, 9)} {ratio(t_fwd, base_fwd)} {ratio(t_fwd, causal_fwd, 9)}")
+      if backward:
+        line += (f" | {ms(t_bwd, 9)} {ratio(t_bwd, base_bwd)} "
+                 f"{ratio(t_bwd, causal_bwd, 9)}")
+      if error:
+        line += f"  ({error[:100]})"
+      print(line, flush=True)
 
 
 def main(argv):
