@@ -215,7 +215,10 @@ def attention_targets(rows):
 
 
 def mod_table(rows):
-  """attention.py's modifier rows with their ratios to the group's dense base and dense causal."""
+  """attention.py's modifier rows with their ratios to the group's dense base and dense causal.
+
+  Dense causal's time is the one timed in the row's own rounds where the row has it.
+  """
   out, base, causal = [], {}, {}
   for r in rows:
     if r["section"] != "mods":
@@ -226,7 +229,8 @@ def mod_table(rows):
     b, c = base[config + (r["group"],)], causal[config]
     out.append(dict(r, base=b["impl"], fwd_vs_base=_div(r["fwd_s"], b["fwd_s"]),
                     fwd_bwd_vs_base=_div(r["fwd_bwd_s"], b["fwd_bwd_s"]),
-                    fwd_bwd_vs_causal=_div(r["fwd_bwd_s"], c["fwd_bwd_s"])))
+                    fwd_bwd_vs_causal=_div(r["fwd_bwd_s"],
+                                           r.get("causal_fwd_bwd_s", c["fwd_bwd_s"]))))
   return out
 
 

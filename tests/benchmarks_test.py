@@ -63,9 +63,9 @@ def test_a_stage_over_its_limit_is_timed_out(tmp_path):
 
 
 def _row(pattern, impl, kind, density, fwd, fwd_bwd, section="patterns", group=None,
-         error=None):
+         error=None, **extra):
   return dict(section=section, seq=4096, head_dim=128, pattern=pattern, impl=impl, kind=kind,
-              density=density, fwd_s=fwd, fwd_bwd_s=fwd_bwd, error=error, group=group)
+              density=density, fwd_s=fwd, fwd_bwd_s=fwd_bwd, error=error, group=group, **extra)
 
 
 def test_attention_targets_and_markdown():
@@ -77,7 +77,9 @@ def test_attention_targets_and_markdown():
           _row("causal", "jax.nn cudnn", "dense", 0.5, 0.5, 1.5, "mods", "causal"),
           _row("docs 1024", "jax.nn cudnn mask", "dense", 0.06, 0.8, 2.0, "mods", "docs 1024"),
           _row("docs 1024, ids", "pallas_triton", "sparse", 0.07, None, None, "mods",
-               "docs 1024", "NotImplementedError: not yet")]
+               "docs 1024", "NotImplementedError: not yet"),
+          _row("docs 1024, layout", "pallas_triton", "sparse", 0.07, 0.1, 0.4, "mods",
+               "docs 1024", causal_fwd_bwd_s=1.6)]  # dense causal timed in its rounds
   targets = device_check.attention_targets(rows)
   [full] = targets["full_vs_dense"]
   assert full["dense"] == "jax.nn cudnn" and full["fwd_bwd"] == pytest.approx(4.0 / 3.0)
@@ -85,8 +87,9 @@ def test_attention_targets_and_markdown():
   assert causal["fwd"] == pytest.approx(0.7 / 0.6) and causal["fwd_bwd"] == pytest.approx(1.0)
   assert random["fwd_bwd"] is None
   mods = device_check.mod_table(rows)
-  assert [r["fwd_bwd_vs_base"] for r in mods] == [1.0, 1.0, None]
+  assert [r["fwd_bwd_vs_base"] for r in mods] == [1.0, 1.0, None, 0.2]
   assert mods[1]["fwd_bwd_vs_causal"] == pytest.approx(2.0 / 1.5)
+  assert mods[3]["fwd_bwd_vs_causal"] == pytest.approx(0.4 / 1.6)
   report = {"started": "now", "budget_s": 480, "sizes": "gpu", "stages": {
       "attention": {"status": "ok", "result": {"meta": {}, "rows": rows, "targets": targets,
                                                "mods": mods}}}}
