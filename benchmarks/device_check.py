@@ -48,7 +48,7 @@ TEST_SELECTION = "TestPallasTriton and not Interpret"  # the compiled Triton cla
 # "tiny" to run the whole script on a CPU in seconds.
 SIZES = {
     "gpu": {
-        "attention": ["--seqs=4096,16384", "--head_dims=128", "--batch=2", "--heads=8",
+        "attention": ["--seqs=16384", "--head_dims=128", "--batch=2", "--heads=8",
                       "--patterns=full,causal,local_1024,random_1/8",
                       "--impls=pallas_triton", "--mod_seqs=8192", "--mod_head_dims=128",
                       "--doc_lens=1024,4096", "--repeats=5"],
