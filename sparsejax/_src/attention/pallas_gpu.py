@@ -11,9 +11,9 @@ Score modifiers (`mods.Mods`) are fused: each program loads its segment ids
 and masks elementwise, evaluates the traced `score_mod` on each block of
 scores (and its elementwise derivative in the backward kernels), and starts
 the online softmax from the head's sink. The arrays a `score_mod` captures
-are kernel inputs read through their refs: indexing them by head or by
-position becomes a load, which Triton can do, where a gather of a loaded
-value cannot lower (`_eval_score_mod`). The gradients of captured arrays and
+are kernel inputs read through their refs (`kernel_score_mod`): indexing
+them by head or by position becomes a load, which Triton can do, where a
+gather of a loaded value cannot lower (`_Triton`). The gradients of captured arrays and
 of sinks are XLA passes (`mods.const_grads`, `mods.sink_grad`).
 """
 
@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
-from jax.extend import core as jex_core
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -34,6 +31,7 @@ import numpy as np
 from sparsejax._src import _checks
 from sparsejax._src import pallas_common
 from sparsejax._src.attention import block_lists
+from sparsejax._src.attention import kernel_score_mod
 from sparsejax._src.attention import layout as layout_lib
 from sparsejax._src.attention import mods as mods_lib
 
@@ -104,21 +102,17 @@ def _visible(partial_ref, pidx):
   return jnp.where(pidx >= 0, partial_ref[jnp.maximum(pidx, 0)] != 0, True)
 
 
-# score_mod in a kernel. `mods.trace` gives a jaxpr over the captured arrays;
-# `_eval_score_mod` evaluates it with those arrays left in their refs until an
-# operation needs their values: a slice keeps a window of the ref, a gather
-# whose indices come from the positions becomes a load at those indices, and
-# anything else loads the window. Triton lowers loads at array indices but no
-# gather or dynamic slice of a value, so with `check` (compiled kernels) a
-# score_mod that slices or gathers a computed value is refused with a
-# ValueError at trace time.
+# score_mod in a kernel: `kernel_score_mod` evaluates its jaxpr with the
+# captured arrays left in their refs until an op needs their values. Triton
+# loads at array indices but lowers no gather or dynamic slice of a value, so
+# `_Triton` turns a gather of single elements from a view into a load at those
+# indices, and (compiled kernels, `strict`) refuses with a ValueError at trace
+# time what slices or gathers a computed value.
 
 _UNSUPPORTED = ("use implementation='xla', or write score_mod so that it indexes its captured "
                 "arrays directly by head and position, e.g. table[h, q_idx - kv_idx + offset]")
 _VALUE_INDEXING = frozenset({"gather", "dynamic_slice", "slice", "dynamic_update_slice",
                              "scatter", "scatter-add", "scatter_add", "scatter-mul"})
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
-                    "custom_vjp_call", "checkpoint", "remat"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,113 +120,75 @@ class _KernelMods:
   """What the kernels apply besides the layout (static).
 
   Attributes:
-    fn: `mods.trace`'s score_mod over explicit arrays, or None.
-    consts: the shapes of the arrays it captures, in order.
+    score_mod: the traced score_mod, or None; the arrays it captures follow
+      the segment ids and sinks among the inputs.
     segments: whether segment ids follow q, k, v among the inputs.
     sinks: whether the sink logits follow them.
-    check: refuse, at trace time, what the Triton lowering cannot do.
+    strict: refuse, at trace time, what the Triton lowering cannot do.
   """
 
-  fn: Callable[..., jax.Array] | None
-  consts: tuple[jax.ShapeDtypeStruct, ...]
+  score_mod: kernel_score_mod.ScoreMod | None
   segments: bool
   sinks: bool
-  check: bool
+  strict: bool
 
 
-def _kernel_mods(fn, consts, q_ids, sinks, interpret) -> _KernelMods:
-  return _KernelMods(fn, tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in consts),
-                     q_ids is not None, sinks is not None, not interpret)
+@dataclasses.dataclass(frozen=True)
+class _Triton(kernel_score_mod.Policy):
+  """Triton's reads of captured arrays: a window as a load, a gather as loads of elements."""
 
+  strict: bool
 
-def _clamp(x, lo, hi):
-  if isinstance(x, (int, np.integer)):
-    return min(max(int(x), lo), hi)
-  return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
-class _View:
-  """A window of a captured array still in its ref: per ref dimension (start, size or None).
-
-  A size of None is a dimension indexed away (by `start`); the others are the
-  view's dimensions, in order.
-  """
-
-  def __init__(self, ref, dims):
-    self.ref, self.dims = ref, tuple(dims)
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(n for _, n in self.dims if n is not None)
-
-  def sliced(self, starts, sizes) -> _View:
-    """`lax.dynamic_slice` semantics: starts are clamped so the slice fits."""
-    new, it = [], iter(zip(starts, sizes))
-    for start, size in self.dims:
-      if size is None:
-        new.append((start, None))
-      else:
-        s, n = next(it)
-        new.append((start + _clamp(s, 0, size - n), n))
-    return _View(self.ref, new)
-
-  def squeezed(self, dimensions) -> _View:
-    own = [i for i, (_, n) in enumerate(self.dims) if n is not None]
-    drop = {own[d] for d in dimensions}
-    return _View(self.ref, [(s, None if i in drop else n) for i, (s, n) in enumerate(self.dims)])
-
-  def load(self, check: bool) -> jax.Array:
-    size = int(np.prod(self.shape))
-    if check and size & (size - 1):
-      raise ValueError(f"score_mod uses a captured array's window of shape {self.shape} whole; "
+  def read(self, view):
+    size = int(np.prod(view.shape))
+    if self.strict and size & (size - 1):
+      raise ValueError(f"score_mod uses a captured array's window of shape {view.shape} whole; "
                        f"Triton loads only blocks of a power-of-2 size: {_UNSUPPORTED}")
-    return self.ref[tuple(s if n is None else pl.ds(s, n) for s, n in self.dims)]
+    index = [pl.ds(s, n) if d in view.kept else s
+             for d, (s, n) in enumerate(zip(view.start, view.size))]
+    return view.ref[tuple(index) or (0,)]  # a scalar's ref holds one element
 
-  def gather(self, indices, eqn, check: bool) -> jax.Array:
+  def gather(self, view, indices, eqn):
     """A `lax.gather` of single elements, one index per dimension, as a load."""
     params = eqn.params
-    dnums, rank = params["dimension_numbers"], len(self.shape)
+    dnums, rank = params["dimension_numbers"], len(view.shape)
     if (dnums.offset_dims or dnums.operand_batching_dims
         or tuple(sorted(dnums.collapsed_slice_dims)) != tuple(range(rank))
         or any(n != 1 for n in params["slice_sizes"])):
-      if check:
+      if self.strict:
         raise ValueError(f"score_mod gathers slices of a captured array ({dnums}); the Triton "
                          f"kernel loads single elements only: {_UNSUPPORTED}")
-      return _bind_plain(eqn, [self.load(check), _value(indices, check)], check)[0]
+      return None
     batch = indices.shape[:-1]
     per_dim = [0] * rank  # a dimension the gather does not index is read at 0
     for k, d in enumerate(dnums.start_index_map):
-      per_dim[d] = _index_component(indices, k, check)
+      per_dim[d] = kernel_score_mod.Parts.column(indices, k)
+      if per_dim[d] is None:  # a column of a value: Triton cannot slice it
+        if self.strict:
+          raise ValueError(f"score_mod gathers with an index array it did not build from the "
+                           f"positions it is given; the Triton kernel cannot slice it: "
+                           f"{_UNSUPPORTED}")
+        per_dim[d] = lax.index_in_dim(kernel_score_mod.value(indices, self), k,
+                                      axis=len(indices.shape) - 1, keepdims=False)
     fill = params["mode"] == lax.GatherScatterMode.FILL_OR_DROP
     index, inside, it = [], True, iter(per_dim)
-    for start, size in self.dims:
-      if size is None:
+    for d, (start, size) in enumerate(zip(view.start, view.size)):
+      if d not in view.kept:
         index.append(jnp.broadcast_to(start, batch) if batch else start)
         continue
       i = next(it)
       if fill:
         inside = inside & (i >= 0) & (i < size)
-      index.append(jnp.broadcast_to(start + _clamp(i, 0, size - 1), batch))
-    value = self.ref[tuple(index)]
+      index.append(jnp.broadcast_to(start + kernel_score_mod.clamp(i, 0, size - 1), batch))
+    value = view.ref[tuple(index)]
     if fill:
       value = jnp.where(inside, value, _fill_value(value.dtype, params["fill_value"]))
     return value
 
-
-class _Parts:
-  """A concatenation along the last axis, kept in parts: the index vectors of a gather."""
-
-  def __init__(self, values):
-    self.values = values
-    self.shape = (*values[0].shape[:-1], sum(v.shape[-1] for v in values))
-
-  def load(self, check: bool) -> jax.Array:
-    del check
-    return lax.concatenate(self.values, len(self.shape) - 1)
-
-
-def _value(x, check):
-  return x.load(check) if isinstance(x, (_View, _Parts)) else x
+  def check(self, eqn):
+    if self.strict and eqn.primitive.name in _VALUE_INDEXING:
+      raise ValueError(f"score_mod applies {eqn.primitive.name} to a value it computed, which "
+                       f"the Triton kernel cannot lower: {_UNSUPPORTED}")
 
 
 def _fill_value(dtype, fill):
@@ -246,89 +202,14 @@ def _fill_value(dtype, fill):
   return jnp.asarray(info.min if jnp.issubdtype(dtype, jnp.signedinteger) else info.max, dtype)
 
 
-def _index_component(indices, k, check):
-  """indices[..., k] without slicing a value where the parts are at hand."""
-  parts = indices.values if isinstance(indices, _Parts) else [indices]
-  for part in parts:
-    n = part.shape[-1]
-    if k < n:
-      if n == 1:
-        return part.reshape(part.shape[:-1])
-      if check:
-        raise ValueError(f"score_mod gathers with an index array it did not build from the "
-                         f"positions it is given; the Triton kernel cannot slice it: "
-                         f"{_UNSUPPORTED}")
-      return lax.index_in_dim(part, k, axis=part.ndim - 1, keepdims=False)
-    k -= n
-  raise AssertionError("index out of range")
-
-
-def _bind_plain(eqn, args, check):
-  if check and eqn.primitive.name in _VALUE_INDEXING:
-    raise ValueError(f"score_mod applies {eqn.primitive.name} to a value it computed, which "
-                     f"the Triton kernel cannot lower: {_UNSUPPORTED}")
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
-  return out if eqn.primitive.multiple_results else [out]
-
-
-def _eval_eqn(eqn, args, check):
-  name, params = eqn.primitive.name, eqn.params
-  lazy = any(isinstance(a, (_View, _Parts)) for a in args)
-  if args and isinstance(args[0], _View):
-    view, rest = args[0], args[1:]
-    if name == "gather":
-      indices = rest[0] if isinstance(rest[0], _Parts) else _value(rest[0], check)
-      return [view.gather(indices, eqn, check)]
-    rest = [_value(a, check) for a in rest]
-    if name == "dynamic_slice":
-      return [view.sliced(rest[:len(view.shape)], params["slice_sizes"])]
-    if name == "slice" and (params["strides"] is None or set(params["strides"]) == {1}):
-      sizes = [b - a for a, b in zip(params["start_indices"], params["limit_indices"])]
-      return [view.sliced(params["start_indices"], sizes)]
-    if name == "squeeze":
-      return [view.squeezed(params["dimensions"])]
-  if (name == "concatenate" and not lazy and args[0].ndim
-      and params["dimension"] == args[0].ndim - 1):
-    return [_Parts(list(args))]
-  # Calls are inlined to reach the captured arrays inside them, and when
-  # compiling to check what they do; custom derivatives only for the former,
-  # keeping their rules otherwise.
-  inline = lazy or (check and not name.startswith("custom_"))
-  if inline and name in _CALLS:
-    sub = params.get("jaxpr", params.get("call_jaxpr"))
-    if sub is not None:
-      closed = sub if isinstance(sub, jex_core.ClosedJaxpr) else jex_core.ClosedJaxpr(sub, ())
-      return _eval_jaxpr(closed.jaxpr, closed.consts, args, check)
-  return _bind_plain(eqn, [_value(a, check) for a in args], check)
-
-
-def _eval_jaxpr(jaxpr, consts, args, check):
-  env: dict[Any, Any] = {}
-  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]  # noqa: E731
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  for eqn in jaxpr.eqns:
-    env.update(zip(eqn.outvars, _eval_eqn(eqn, [read(v) for v in eqn.invars], check)))
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _eval_score_mod(km: _KernelMods, const_refs, b, h, block_q: int, block_kv: int):
-  """``(score, q_pos, kv_pos) -> km.fn(score, b, h, q_pos, kv_pos, *consts)`` in a kernel."""
-  if km.fn is None:
+def _eval_score_mod(km: _KernelMods, const_refs, b, h):
+  """``(score, q_pos, kv_pos) -> score_mod(score, b, h, q_pos, kv_pos)`` in a kernel."""
+  if km.score_mod is None:
     return None
-  arg = jax.ShapeDtypeStruct
-  closed = jax.make_jaxpr(km.fn)(arg((block_q, block_kv), jnp.float32), arg((), jnp.int32),
-                                 arg((), jnp.int32), arg((block_q, 1), jnp.int32),
-                                 arg((1, block_kv), jnp.int32), *km.consts)
-  views = [_View(ref, [(0, None)] if not c.shape else [(0, n) for n in c.shape])
-           for ref, c in zip(const_refs, km.consts)]
-
-  def score_mod(s, q_pos, kv_pos):
-    out, = _eval_jaxpr(closed.jaxpr, closed.consts, [s, b, h, q_pos, kv_pos, *views], km.check)
-    return _value(out, km.check)
-
-  return score_mod
+  views = [kernel_score_mod.View.whole(ref, aval)
+           for ref, aval in zip(const_refs, km.score_mod.avals)]
+  policy = _Triton(km.strict)
+  return lambda s, q_pos, kv_pos: km.score_mod.apply(policy, views, s, b, h, q_pos, kv_pos)
 
 
 def _unpack(refs, km: _KernelMods):
@@ -339,7 +220,7 @@ def _unpack(refs, km: _KernelMods):
     q_ids, kv_ids = refs.pop(0), refs.pop(0)
   if km.sinks:
     sinks = refs.pop(0)
-  n = len(km.consts)
+  n = 0 if km.score_mod is None else len(km.score_mod.avals)
   return q_ids, kv_ids, sinks, refs[:n], refs[n:]
 
 
@@ -371,7 +252,7 @@ def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, *refs, sm_scale, blo
   q = q_ref[...]
   block_q, dim = q.shape
   b, h = pl.program_id(1), pl.program_id(2)
-  score_mod = _eval_score_mod(km, const_refs, b, h, block_q, block_kv)
+  score_mod = _eval_score_mod(km, const_refs, b, h)
   q_pos = _positions(pl.program_id(0), block_q, 0)
   q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
@@ -419,8 +300,7 @@ def _dq_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   block_q = q.shape[0]
-  score_mod = _eval_score_mod(km, const_refs, pl.program_id(1), pl.program_id(2), block_q,
-                              block_kv)
+  score_mod = _eval_score_mod(km, const_refs, pl.program_id(1), pl.program_id(2))
   q_pos = _positions(pl.program_id(0), block_q, 0)
   q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
@@ -444,8 +324,7 @@ def _dkv_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   q_ids_ref, kv_ids_ref, _, const_refs, (dk_ref, dv_ref) = _unpack(refs, km)
   k, v = k_ref[...], v_ref[...]
   block_kv = k.shape[0]
-  score_mod = _eval_score_mod(km, const_refs, pl.program_id(1), pl.program_id(2), block_q,
-                              block_kv)
+  score_mod = _eval_score_mod(km, const_refs, pl.program_id(1), pl.program_id(2))
   kv_pos = _positions(pl.program_id(0), block_kv, 1)
   kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
 
@@ -574,8 +453,9 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, km, sm_sca
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-@functools.partial(jax.jit, static_argnames=("fn", "sm_scale", "block_sizes", "interpret"))
-def _attention(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, block_sizes,
+@functools.partial(jax.jit,
+                   static_argnames=("score_mod", "sm_scale", "block_sizes", "interpret"))
+def _attention(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
                interpret):
   """Block-sparse attention with Pallas GPU kernels (Triton backend).
 
@@ -585,8 +465,8 @@ def _attention(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, bloc
     layout: a `Layout` (`make_layout` or `topk_layout`; `segment_layout` with ids).
     q_ids, kv_ids: int32[batch, q_len], int32[batch, kv_len] segment ids, or None.
     sinks: float32[heads] sink logits, or None.
-    consts: the arrays `fn` captures (differentiable if floating).
-    fn: `mods.trace`'s score_mod at block shapes, or None.
+    consts: the arrays `score_mod` captures (differentiable if floating).
+    score_mod: a `kernel_score_mod.ScoreMod` traced at block shapes, or None.
     sm_scale: softmax scale.
     block_sizes: `BlockSizes` launch settings (the tiles are the layout's blocks).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
@@ -594,15 +474,16 @@ def _attention(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, bloc
   Returns:
     [batch, q_len, heads, head_dim]
   """
-  return _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, block_sizes,
+  return _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
               interpret)[0]
 
 
-def _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, block_sizes, interpret):
+def _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
+         interpret):
   _validate_args(layout, block_sizes)
   if q.shape[0] == 0:  # an empty batch launches no programs
     return jnp.zeros_like(q), (q, k, v, layout, q_ids, kv_ids, sinks, consts, None, None)
-  km = _kernel_mods(fn, consts, q_ids, sinks, interpret)
+  km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret)
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
   qp, kp, vp = (_pad_dim(x, padded) for x in (q, k, v))
@@ -612,14 +493,14 @@ def _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, fn, sm_scale, block_size
   return out, (q, k, v, layout, q_ids, kv_ids, sinks, consts, out, lse)
 
 
-def _bwd(fn, sm_scale, block_sizes, interpret, residuals, do):
+def _bwd(score_mod, sm_scale, block_sizes, interpret, residuals, do):
   q, k, v, layout, q_ids, kv_ids, sinks, consts, out, lse = residuals
   if q.shape[0] == 0:
     zeros = [jnp.zeros_like(c) for c in consts]
     return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None, None, None,
             None if sinks is None else jnp.zeros_like(sinks),
             mods_lib.const_cotangents(consts, zeros))
-  km = _kernel_mods(fn, consts, q_ids, sinks, interpret)
+  km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret)
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
@@ -629,8 +510,8 @@ def _bwd(fn, sm_scale, block_sizes, interpret, residuals, do):
   d_sinks = None if sinks is None else mods_lib.sink_grad(sinks, lse, delta)
   d_consts = tuple(None for _ in consts)
   if any(mods_lib.is_differentiable(c) for c in consts):  # XLA drops it if nothing reads it
-    grads = mods_lib.const_grads(fn, consts, q, k, v, do, lse, delta, layout, sm_scale, q_ids,
-                                 kv_ids)
+    grads = mods_lib.const_grads(score_mod.fn, consts, q, k, v, do, lse, delta, layout, sm_scale,
+                                 q_ids, kv_ids)
     d_consts = mods_lib.const_cotangents(consts, grads)
   return (dq[..., :dim], dk[..., :dim], dv[..., :dim], None, None, None, d_sinks, d_consts)
 
@@ -646,12 +527,9 @@ def block_sparse_attention(q, k, v, layout, sm_scale, block_sizes, interpret,
   of the arrays it captures, which become inputs of the kernels and get
   gradients.
   """
-  fn, consts = None, ()
+  score_mod, consts = None, ()
   if mods.score_mod is not None:
-    index = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-    fn, consts = mods_lib.trace(
-        mods.score_mod, jax.ShapeDtypeStruct((layout.block_q, layout.block_kv), jnp.float32),
-        index(), index(), index(layout.block_q, 1), index(1, layout.block_kv))
-    consts = tuple(jnp.asarray(c) for c in consts)
+    score_mod, consts = kernel_score_mod.ScoreMod.trace(mods.score_mod, layout.block_q,
+                                                        layout.block_kv)
   return _attention(q, k, v, layout, mods.q_segment_ids, mods.kv_segment_ids, mods.sinks, consts,
-                    fn, sm_scale, block_sizes, interpret)
+                    score_mod, sm_scale, block_sizes, interpret)

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
-from jax.extend import core as jex_core
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -37,6 +35,7 @@ import numpy as np
 from sparsejax._src import _checks
 from sparsejax._src import pallas_common
 from sparsejax._src.attention import block_lists
+from sparsejax._src.attention import kernel_score_mod
 from sparsejax._src.attention import layout as layout_lib
 from sparsejax._src.attention import mods as mods_lib
 
@@ -94,124 +93,64 @@ def _heads_major(x):
   return jnp.swapaxes(x, 1, 2)  # [b, t, h, d] -> [b, h, t, d]
 
 
-# score_mod in the kernels: its jaxpr, evaluated with captured arrays in SMEM read lazily.
+# score_mod in the kernels (`kernel_score_mod`): captured arrays in SMEM or VMEM.
 
 
 @dataclasses.dataclass(frozen=True)
-class _View:
-  """A window of a captured array kept in SMEM, read one scalar at a time when used.
+class _Mosaic(kernel_score_mod.Policy):
+  """Mosaic's reads of the captured arrays kept in SMEM (flat, in 32 bits): one scalar each.
 
-  Indexing ops (`dynamic_slice`, `slice`, `squeeze`) narrow the window; any
-  other op reads it, which the plan allows only where one entry remains.
+  Attributes:
+    strict: refuse the indexing ops Mosaic cannot lower.
+    wide: while planning (views' refs are then their arrays' positions):
+      per captured array, set where a window of more than one entry is read
+      (it goes whole to VMEM); reads give zeros. None in the kernels.
   """
 
-  index: int  # which captured array
-  ref: Any  # its flat SMEM ref (None while planning)
-  dims: tuple[int, ...]  # the array's shape
-  dtype: Any
-  start: tuple[Any, ...]  # per array dim: int or int32 scalar
-  size: tuple[int, ...]  # per array dim
-  kept: tuple[int, ...]  # the array dims the window's shape keeps
+  strict: bool = False
+  wide: list[bool] | None = None
 
-  @classmethod
-  def whole(cls, index, ref, aval):
-    dims = tuple(aval.shape)
-    return cls(index, ref, dims, aval.dtype, (0,) * len(dims), dims, tuple(range(len(dims))))
+  def read(self, view):
+    if self.wide is not None:
+      self.wide[view.ref] |= int(np.prod(view.shape)) > 1
+      return jnp.zeros(view.shape, view.aval.dtype)
+    strides = np.cumprod((1,) + view.aval.shape[:0:-1])[::-1]
+    flat = sum((s * int(n) for s, n in zip(view.start, strides)), 0)
+    entry = view.ref[flat].astype(view.aval.dtype)
+    return jnp.broadcast_to(entry, view.shape) if view.shape else entry
 
-  @property
-  def shape(self):
-    return tuple(self.size[d] for d in self.kept)
-
-
-def _narrow(eqn, args) -> _View | None:
-  """The window an indexing eqn cuts from a `_View`, or None if it is not such an op."""
-  view, rest = (args[0], args[1:]) if args else (None, ())
-  if not isinstance(view, _View) or any(isinstance(x, _View) for x in rest):
-    return None
-  start, size, kept, name = list(view.start), list(view.size), view.kept, eqn.primitive.name
-  if name == "dynamic_slice":
-    for d, i, n in zip(kept, rest, eqn.params["slice_sizes"]):
-      start[d] = start[d] + jnp.clip(i, 0, size[d] - n)  # dynamic_slice clamps its starts
-      size[d] = n
-  elif name == "slice" and not any(s != 1 for s in eqn.params["strides"] or ()):
-    for d, lo, hi in zip(kept, eqn.params["start_indices"], eqn.params["limit_indices"]):
-      start[d], size[d] = start[d] + lo, hi - lo
-  elif name == "squeeze":
-    kept = tuple(d for a, d in enumerate(kept) if a not in eqn.params["dimensions"])
-  else:
-    return None
-  return dataclasses.replace(view, start=tuple(start), size=tuple(size), kept=kept)
-
-
-def _check_mosaic(eqn):
-  """Raise a ValueError for the indexing ops that Mosaic cannot lower on TPU."""
-  name, operand = eqn.primitive.name, eqn.invars[0].aval
-  if name == "gather":
-    indices, out = eqn.invars[1].aval, eqn.outvars[0].aval
-    if (operand.ndim == out.ndim and indices.shape[:-1] == out.shape
-        and indices.shape[-1] == 1):
-      return  # take_along_axis-like: Mosaic's one gather
-  elif name not in ("dynamic_slice", "dynamic_update_slice") and not name.startswith("scatter"):
-    return
-  raise ValueError(
-      f"score_mod indexes a {operand.dtype}{list(operand.shape)} array with a {name} that "
-      f"Mosaic cannot lower on TPU. The pallas_tpu kernels read a captured array one entry at "
-      f"a time at scalar indices (batch, head, constants; from SMEM, as for ALiBi's "
-      f"slopes[h]), not at q_idx or kv_idx (as for a relative-position table[h, q_idx - "
-      f"kv_idx]); write the bias as arithmetic of the indices, or use implementation='xla' "
-      f"(or interpret=True)")
-
-
-def _evaluate(jaxpr, consts, args, read, strict):
-  """`jax.core.eval_jaxpr` that passes `_View`s through indexing ops and reads them elsewhere.
-
-  `read(view)` gives a window's value; with `strict`, ops Mosaic cannot lower raise.
-  """
-  env = {}
-  value = lambda a: a.val if isinstance(a, jex_core.Literal) else env[a]  # noqa: E731
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  for eqn in jaxpr.eqns:
-    ins = [value(a) for a in eqn.invars]
-    sub = eqn.params.get("jaxpr")
-    if eqn.primitive.name in ("jit", "pjit", "closed_call") and isinstance(
-        sub, jex_core.ClosedJaxpr):  # inlined, so windows pass through
-      outs = _evaluate(sub.jaxpr, sub.consts, ins, read, strict)
-    elif (narrowed := _narrow(eqn, ins)) is not None:
-      outs = [narrowed]
-    else:
-      if strict:
-        _check_mosaic(eqn)
-      ins = [read(x) if isinstance(x, _View) else x for x in ins]
-      outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-      outs = outs if eqn.primitive.multiple_results else [outs]
-    env.update(zip(eqn.outvars, outs))
-  return [value(a) for a in jaxpr.outvars]
-
-
-def _smem_dtype(dtype):
-  return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else jnp.int32
+  def check(self, eqn):
+    if not self.strict:
+      return
+    name = eqn.primitive.name
+    if name == "gather":
+      indices, out = eqn.invars[1].aval, eqn.outvars[0].aval
+      if (eqn.invars[0].aval.ndim == out.ndim and indices.shape[:-1] == out.shape
+          and indices.shape[-1] == 1):
+        return  # take_along_axis-like: Mosaic's one gather
+    elif name not in ("dynamic_slice", "dynamic_update_slice") and not name.startswith("scatter"):
+      return
+    operand = eqn.invars[0].aval
+    raise ValueError(
+        f"score_mod indexes a {operand.dtype}{list(operand.shape)} array with a {name} that "
+        f"Mosaic cannot lower on TPU. The pallas_tpu kernels read a captured array one entry "
+        f"at a time at scalar indices (batch, head, constants; from SMEM, as for ALiBi's "
+        f"slopes[h]), not at q_idx or kv_idx (as for a relative-position table[h, q_idx - "
+        f"kv_idx]); write the bias as arithmetic of the indices, or use implementation='xla' "
+        f"(or interpret=True)")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _ScoreMod:
-  """A traced score_mod as the kernels apply it (static, hashed by identity).
+class _ScoreMod(kernel_score_mod.ScoreMod):
+  """A traced score_mod with its plan (static, hashed by identity).
 
   Attributes:
-    fn: from `mods.trace` (the XLA pass of the captured arrays' gradients uses it).
-    jaxpr: fn at block shapes, the captured arrays its trailing inputs.
     smem: per captured array: True if it is read one entry at a time at
       scalar indices (kept flat in SMEM, in 32 bits: small arrays such as
       per-head parameters), False if whole (VMEM).
   """
 
-  fn: Any
-  jaxpr: jex_core.ClosedJaxpr
   smem: tuple[bool, ...]
-
-  @property
-  def avals(self):
-    return self.jaxpr.in_avals[5:]
 
   def inputs(self, consts):
     """The captured arrays as kernel inputs, and their BlockSpecs."""
@@ -219,7 +158,8 @@ class _ScoreMod:
     arrays, specs = [], []
     for c, smem in zip(consts, self.smem):
       if smem:
-        arrays.append(c.reshape(-1).astype(_smem_dtype(c.dtype)))
+        arrays.append(c.reshape(-1).astype(
+            jnp.float32 if jnp.issubdtype(c.dtype, jnp.floating) else jnp.int32))
         specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
       else:
         arrays.append(c)
@@ -228,46 +168,33 @@ class _ScoreMod:
 
   def __call__(self, refs, score, b, h, q_idx, kv_idx):
     """The modified scores of a block, inside a kernel (``refs``: the captured arrays)."""
-    def read(view):
-      strides = np.cumprod((1,) + view.dims[:0:-1])[::-1]
-      flat = sum((s * int(n) for s, n in zip(view.start, strides)), 0)
-      entry = view.ref[flat].astype(view.dtype)
-      return jnp.broadcast_to(entry, view.shape) if view.shape else entry
-
-    consts = [_View.whole(i, ref, aval) if smem else ref[...]
-              for i, (ref, smem, aval) in enumerate(zip(refs, self.smem, self.avals))]
-    out, = _evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, [score, b, h, q_idx, kv_idx, *consts],
-                     read, strict=False)
-    return out
+    consts = [kernel_score_mod.View.whole(ref, aval) if smem else ref[...]
+              for ref, smem, aval in zip(refs, self.smem, self.avals)]
+    return self.apply(_Mosaic(), consts, score, b, h, q_idx, kv_idx)
 
 
 def _plan_score_mod(score_mod, block_q: int, block_kv: int, interpret: bool):
-  """(`_ScoreMod`, captured arrays) for `score_mod`; ValueError if it cannot lower on TPU."""
-  index = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  args = (jax.ShapeDtypeStruct((block_q, block_kv), jnp.float32), index(), index(),
-          index(block_q, 1), index(1, block_kv))
-  fn, consts = mods_lib.trace(score_mod, *args)
-  consts = tuple(jnp.asarray(c) for c in consts)
-  closed = jax.make_jaxpr(fn)(*args, *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in consts))
-  avals = closed.in_avals[5:]
-  wide = [False] * len(consts)  # read where more than one entry remains: whole, in VMEM
+  """(`_ScoreMod`, captured arrays) for `score_mod`; ValueError if it cannot lower on TPU.
 
-  def read(view):
-    wide[view.index] |= int(np.prod(view.shape)) > 1
-    return jnp.zeros(view.shape, view.dtype)
+  Evaluated abstractly with every captured array in SMEM, then (checking what
+  Mosaic lowers, unless `interpret`) with those read whole moved to VMEM.
+  """
+  traced, consts = kernel_score_mod.ScoreMod.trace(score_mod, block_q, block_kv)
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in traced.jaxpr.in_avals]
 
-  def run(smem, strict):
-    def f(*values):
-      values = iter(values)
-      consts = [_View.whole(i, None, aval) if s else next(values)
-                for i, (s, aval) in enumerate(zip(smem, avals))]
-      return _evaluate(closed.jaxpr, closed.consts, [*args, *consts], read, strict)
-    return jax.eval_shape(f, *(aval for s, aval in zip(smem, avals) if not s))
+  def run(smem, policy):
+    def f(*args):  # score_mod's arguments, then the arrays in VMEM
+      vmem = iter(args[5:])
+      consts = [kernel_score_mod.View.whole(i, aval) if s else next(vmem)
+                for i, (s, aval) in enumerate(zip(smem, avals[5:]))]
+      return traced.apply(policy, consts, *args[:5])
+    return jax.eval_shape(f, *avals[:5], *(a for s, a in zip(smem, avals[5:]) if not s))
 
-  run([True] * len(consts), strict=False)
+  wide = [False] * len(consts)
+  run([True] * len(consts), _Mosaic(wide=wide))
   smem = tuple(not w for w in wide)
-  run(smem, strict=not interpret)
-  return _ScoreMod(fn, closed, smem), consts
+  run(smem, _Mosaic(strict=not interpret, wide=[False] * len(consts)))
+  return _ScoreMod(traced.fn, traced.jaxpr, smem), consts
 
 
 # The kernels.
