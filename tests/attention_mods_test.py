@@ -185,13 +185,20 @@ class TestPallasTPU(TestXLA):
 
 
 class TestPallasTPUInterpret(TestPallasTPU):
-  """The interpreter is slow at 128-blocks: soft-capping, the combined test and determinism."""
+  """The interpreter is slow at 128-blocks: soft-cap with ALiBi, the combined test, determinism."""
   INTERPRET = True
 
   test_packed_documents = test_score_mod = test_sinks = None
 
-  def test_softcap(self):  # a score_mod whose derivative is not 1
-    TestXLA.test_score_mod(self, "softcap")
+  def test_softcap_and_alibi(self):
+    """A derivative that is not 1 (soft-cap) and a captured array read at the head (SMEM)."""
+    t = 4 * self.BLOCK
+    q, k, v, ct = inputs(1, 1, t, 2, 2, 32, jnp.float32)
+    softcap, _ = SCORE_MODS["softcap"]
+    alibi, params = SCORE_MODS["alibi"]
+    mod = lambda p: (lambda s, b, h, i, j: alibi(p)(softcap(p)(s, b, h, i, j), b, h, i, j))  # noqa: E731
+    layout = self.layout(sja.CausalMask((t, t)) & sja.LocalMask((t, t), (2 * self.BLOCK, 0)))
+    check(self.IMPLEMENTATION, self.INTERPRET, q, k, v, ct, layout, mod=mod, params=params)
 
 
 def test_reference_matches_jax_dot_product_attention():
