@@ -4,6 +4,8 @@ import itertools
 
 import hypothesis
 from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -79,7 +81,9 @@ def _assert_same_layout(mask, block_q, block_kv):
   layout = sja.make_layout(mask, num_heads=1, block_q=block_q, block_kv=block_kv)
   reference = sja.make_layout(sja.NumpyMask(mask.to_numpy()), num_heads=1, block_q=block_q,
                               block_kv=block_kv)
-  for name, got, want in zip(sja.Layout._fields, layout, reference):
+  assert layout.masks in (None, (mask,)) and reference.masks is None  # test_kernel_masks
+  for name in sja.Layout._fields[:-1]:
+    got, want = getattr(layout, name), getattr(reference, name)
     assert got.dtype == want.dtype and got.shape == want.shape, name
     np.testing.assert_array_equal(got, want, err_msg=name)
 
@@ -170,6 +174,59 @@ def test_random_mask_trees_equal_brute_force(case):
   np.testing.assert_array_equal(np.reshape(patterns, (-1, block_q, block_kv)),
                                 np.reshape(ref_patterns, (-1, block_q, block_kv)))
   np.testing.assert_array_equal(pidx >= 0, any_ & ~all_)
+
+
+def test_kernel_masks_are_the_traced_masks():
+  """Which layouts carry their masks, and that traced evaluation (the kernels') is NumPy's."""
+  leaves = _leaves((64, 64))
+  tables = {"bigbird", "bigbird_causal", "vertical_slash"}
+  for name, mask in leaves.items():
+    layout = sja.make_layout(mask, num_heads=2, block_q=16, block_kv=16)
+    assert layout.masks == (None if name in tables else (mask,)), name
+    if name not in tables:  # at positions of both signs: floor division without jnp's sign op
+      pos = np.arange(-40, 64, dtype=np.int32)
+      traced = jax.jit(mask.__call__)(jnp.asarray(pos[:, None]), jnp.asarray(pos[None, :]))
+      np.testing.assert_array_equal(traced, mask(pos[:, None], pos[None, :]), err_msg=name)
+  blocks = {"block_q": 16, "block_kv": 16}
+  assert sja.make_layout(_Stripes((64, 64)), num_heads=1, **blocks).masks is None  # jnp's %
+  strict = _StrictlyCausal((64, 64))
+  assert sja.make_layout(strict, num_heads=1, **blocks).masks == (strict,)
+  heads = sja.MultiHeadMask((leaves["causal"], leaves["shard"], leaves["causal"]))
+  assert sja.make_layout(heads, num_heads=3, block_q=16, block_kv=16).masks == (
+      leaves["causal"], leaves["shard"])  # a row per distinct mask
+  mixed = sja.MultiHeadMask((leaves["causal"], leaves["bigbird"]))
+  assert sja.make_layout(mixed, num_heads=2, block_q=16, block_kv=16).masks is None
+
+
+def test_layout_masks_are_static_pytree_data():
+  """Masks are aux data: tree maps keep them, jit specializes on them, segments map their rows."""
+  t = 64
+  leaves = _leaves((t, t))
+  layout = sja.make_layout(sja.MultiHeadMask((leaves["causal"], leaves["shard"])), num_heads=2,
+                           block_q=16, block_kv=16)
+  assert len(jax.tree.leaves(layout)) == 8
+  copy = jax.tree.map(jnp.array, layout)
+  assert copy.masks == layout.masks and copy.partial is not layout.partial
+  traces = []
+
+  @jax.jit
+  def density(lay):
+    traces.append(lay.masks)
+    return lay.density()
+
+  density(layout), density(copy)
+  assert len(traces) == 1  # the same masks: no retrace
+  other = sja.make_layout(sja.MultiHeadMask((leaves["causal_minus"], leaves["shard"])),
+                          num_heads=2, block_q=16, block_kv=16)
+  density(other)
+  assert len(traces) == 2 and traces[1] == other.masks
+  ids = jnp.asarray(np.repeat(np.arange(4), t // 4)[None].repeat(3, 0), jnp.int32)
+  per_batch = sja.segment_layout(layout, ids)  # rows: batch x layout rows
+  assert per_batch.masks == layout.masks * 3
+  again = sja.segment_layout(per_batch, ids)  # rows per (batch, head), from concrete head_row
+  assert again.masks == tuple(per_batch.masks[r] for r in np.asarray(per_batch.head_row).ravel())
+  assert jax.jit(lambda lay: sja.segment_layout(lay, ids))(per_batch).masks is None  # traced rows
+  assert jax.jit(lambda lay: sja.segment_layout(lay, ids))(layout).masks == layout.masks * 3
 
 
 def test_block_any_all_bad_blocks():

@@ -5,7 +5,10 @@ structured masks, evaluating only the partial blocks' elements) and caches
 the result; `topk_layout` builds one inside `jax.jit` from pooled
 query and key blocks. Both return a `Layout`, a NamedTuple of int32/bool
 arrays whose shapes carry the block sizes, so every implementation accepts
-either and nothing recompiles for a new mask of the same sizes.
+either. A layout made from masks that are computable in a kernel (no tables:
+`kernel_masks`) also carries them, as static pytree data: the Pallas kernels
+evaluate its partial blocks from them instead of loading the element-mask
+table, so a new mask of the same sizes recompiles the kernels.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ class Layout(NamedTuple):
     partial: bool[num_partial, block_q, block_kv]: distinct partial blocks
       (one all-True block when there are none).
     head_row: int32[batch or 1, heads]: the row of each (batch, head).
+    masks: the mask of each row, when every one is computable inside a
+      kernel (`kernel_masks`), else None. Static: pytree aux data, not a
+      leaf, so jit specializes on it and tree maps leave it as it is.
   """
 
   num_kv: jax.Array
@@ -51,6 +57,7 @@ class Layout(NamedTuple):
   q_partial: jax.Array
   partial: jax.Array
   head_row: jax.Array
+  masks: tuple[masks_lib.Mask, ...] | None = None
 
   @property
   def block_q(self) -> int:
@@ -124,6 +131,58 @@ class Layout(NamedTuple):
     if step_q > 1 or step_k > 1:
       title += f" (a cell: {step_q} x {step_k} blocks)"
     return "\n".join([title] + ["|" + "".join(r) + "|" for r in cells])
+
+
+_ARRAY_FIELDS = Layout._fields[:-1]
+
+
+def _flatten(layout: Layout):
+  return ([(jax.tree_util.GetAttrKey(f), getattr(layout, f)) for f in _ARRAY_FIELDS],
+          layout.masks)
+
+
+jax.tree_util.register_pytree_with_keys(
+    Layout, _flatten, lambda masks, arrays: Layout(*arrays, masks=masks))
+
+
+# What a mask evaluated inside a kernel may do: elementwise integer and boolean
+# ops that both the Triton and the Mosaic lowerings have.
+_KERNEL_OPS = frozenset({
+    "add", "sub", "mul", "div", "neg", "max", "min", "and", "or", "not", "xor", "eq", "ne",
+    "lt", "le", "gt", "ge", "select_n", "broadcast_in_dim", "convert_element_type", "iota",
+    "reshape", "squeeze", "expand_dims", "jit", "pjit"})
+
+
+def _kernel_ops_only(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name not in _KERNEL_OPS:
+      return False
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)  # a ClosedJaxpr's, or a Jaxpr
+      if hasattr(inner, "eqns") and not _kernel_ops_only(inner):
+        return False
+  return True
+
+
+def kernel_masks(head_masks, block_q: int, block_kv: int) -> tuple[masks_lib.Mask, ...] | None:
+  """`head_masks` as a tuple if every one evaluates inside a kernel, else None.
+
+  A mask does when its traced evaluation on int32 positions captures no array
+  and uses only elementwise integer and boolean ops (the structured masks
+  and their ``&``/``|``); `BigBirdMask`, `VerticalSlashMask` and `NumpyMask`
+  index tables, which a kernel cannot capture, so their layouts keep to the
+  element-mask table, as do masks that do not trace.
+  """
+  q = jax.ShapeDtypeStruct((block_q, 1), jnp.int32)
+  kv = jax.ShapeDtypeStruct((1, block_kv), jnp.int32)
+  for m in head_masks:
+    try:
+      traced = jax.make_jaxpr(lambda q, kv, m=m: m(q, kv))(q, kv)
+    except Exception:  # pylint: disable=broad-except  # e.g. NumPy code on a tracer: the table
+      return None
+    if traced.consts or not _kernel_ops_only(traced.jaxpr):
+      return None
+  return tuple(head_masks)
 
 
 _EMPTY, _PARTIAL, _FULL = 0, 1, 2
@@ -236,7 +295,7 @@ def _block_lists(xp, active, partial_index, max_kv, max_q):
 
 def from_blocks(active: jax.Array, partial_index: jax.Array, partial: jax.Array,
                 head_row: jax.Array, max_kv: int, max_q: int) -> Layout:
-  """A `Layout` from block tables (traceable).
+  """A `Layout` from block tables (traceable), without masks: kernels read `partial`.
 
   Args:
     active: bool[rows, q_blocks, kv_blocks]: blocks with any visible entry.
@@ -312,8 +371,9 @@ def _cached_layout(head_masks: tuple[masks_lib.Mask, ...], block_q: int, block_k
   max_kv = max(int(active.sum(-1).max()), 1)
   max_q = max(int(active.sum(-2).max()), 1)
   lists = _block_lists(np, active, pidx, max_kv, max_q)  # what from_blocks computes, on the host
+  masks = kernel_masks(tuple(unique), block_q, block_kv)
   with jax.ensure_compile_time_eval():
-    return Layout(*(jnp.asarray(a) for a in lists + (partial, head_row)))
+    return Layout(*(jnp.asarray(a) for a in lists + (partial, head_row)), masks=masks)
 
 
 def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: int,
@@ -326,7 +386,8 @@ def make_layout(mask: masks_lib.Mask | masks_lib.MultiHeadMask, *, num_heads: in
     block_q, block_kv: block sizes; they must divide the sequence lengths.
 
   Returns:
-    a `Layout`; the same arguments return the same (cached) object.
+    a `Layout`; the same arguments return the same (cached) object. Its
+    `masks` are the rows' masks if all are computable in a kernel.
 
   Example:
     >>> mask = sja.CausalMask((T, T)) & sja.LocalMask((T, T), window=(1024, 0))

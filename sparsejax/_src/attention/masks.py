@@ -35,6 +35,18 @@ def _xp(*arrays):
   return np
 
 
+def _floordiv(a, n: int, xp):
+  """``a // n`` for an int ``n >= 1``, traced without the sign op of jnp's floor division.
+
+  (Mosaic lowers that op only when it can query a TPU, so a kernel with it
+  does not export for TPU from another machine.)
+  """
+  if xp is np:
+    return a // n
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  return lax.div(a - xp.where(a < 0, n - 1, 0).astype(a.dtype), xp.asarray(n, a.dtype))
+
+
 def _check_ints(owner, **values):
   """Raises ValueError unless each value is an integer >= its minimum (None: any integer)."""
   for name, (value, minimum) in values.items():
@@ -365,7 +377,7 @@ class ChunkedCausalMask(Mask):
   _closed_form = True
 
   def _eval(self, q, kv, xp):
-    return (q // self.chunk == kv // self.chunk) & (kv <= q)
+    return (_floordiv(q, self.chunk, xp) == _floordiv(kv, self.chunk, xp)) & (kv <= q)
 
   def _intervals(self):
     i = np.arange(self.shape[0], dtype=np.int64)
@@ -428,11 +440,12 @@ class StridedShardMask(Mask):
 
   _closed_form = True
 
-  def _in_shard(self, kv):
-    return (kv // self.block) % self.num_shards == self.shard
+  def _in_shard(self, kv, xp=np):
+    blocks = _floordiv(kv, self.block, xp)
+    return blocks - self.num_shards * _floordiv(blocks, self.num_shards, xp) == self.shard
 
   def _eval(self, q, kv, xp):
-    out = self._in_shard(kv) | ((q - kv < self.local_window) & (kv - q < self.local_window))
+    out = self._in_shard(kv, xp) | ((q - kv < self.local_window) & (kv - q < self.local_window))
     return out & (kv <= q) if self.causal else out
 
   def _any_all(self, block_q, block_kv):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from sparsejax._src import _checks
 from sparsejax._src.attention import layout as layout_lib
 
 
@@ -58,6 +60,7 @@ def segment_layout(layout: layout_lib.Layout, q_segment_ids: jax.Array,
   Returns:
     a `Layout` with one row per (batch, layout row) and the list lengths of
     `layout`; pass the same segment ids to `block_sparse_attention` with it.
+    It keeps the rows' `masks` where their rows are known statically.
 
   Example:
     >>> ids = jnp.cumsum(tokens == SEP, axis=1)     # a document per separator
@@ -80,12 +83,16 @@ def segment_layout(layout: layout_lib.Layout, q_segment_ids: jax.Array,
     active = active[base] & meet[:, None]
     partial_index = partial_index[base]
     head_row = jnp.arange(batch * heads, dtype=jnp.int32).reshape(batch, heads)
+    masks = None
+    if layout.masks is not None and _checks.is_concrete(base):
+      masks = tuple(layout.masks[r] for r in np.asarray(base).reshape(-1))
   else:  # shared by the batch: a row per (batch, layout row)
     active = active[None] & meet[:, None]
     partial_index = jnp.broadcast_to(partial_index[None], active.shape)
     head_row = (jnp.arange(batch, dtype=jnp.int32)[:, None] * rows
                 + jnp.broadcast_to(layout.head_row, (batch, heads)))
+    masks = None if layout.masks is None else layout.masks * batch
   new_rows = active.shape[0] * active.shape[1]
   return layout_lib.from_blocks(active.reshape(new_rows, nq, nk),
                                 partial_index.reshape(new_rows, nq, nk), layout.partial,
-                                head_row, max_kv, max_q)
+                                head_row, max_kv, max_q)._replace(masks=masks)
