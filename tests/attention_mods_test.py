@@ -108,6 +108,17 @@ class TestXLA:
     derived = sja.segment_layout(layout, ids)
     assert int(derived.num_kv.sum()) < 2 * int(layout.num_kv.sum())
 
+  def test_packed_documents_with_head_masks(self):
+    """Heads with different masks (evaluated in the kernels, selected per row) and documents."""
+    t = 4 * self.BLOCK
+    q, k, v, ct = inputs(4, 2, t, 2, 1, 32, jnp.float32)
+    mask = sja.StridedShardMask.for_heads((t, t), 2, block=self.BLOCK // 2, num_shards=2,
+                                          local_window=self.BLOCK // 2)
+    layout = self.layout(mask)
+    assert layout.masks == mask.masks  # two rows, two masks: the kernels select by row
+    check(self.IMPLEMENTATION, self.INTERPRET, q, k, v, ct, layout,
+          ids=documents(2, 2, t, 2 * self.BLOCK), sinks=jnp.array([0.5, -1.0]))
+
   @pytest.mark.parametrize("name", list(SCORE_MODS))
   def test_score_mod(self, name):
     t = 4 * self.BLOCK

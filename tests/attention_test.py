@@ -31,7 +31,13 @@ def masks(t, heads):
                                              np.ones((t // 4, t // 4), bool))
                                      | np.eye(t, dtype=bool)),
       "full": sja.FullMask((t, t)),
+      "chunked": sja.ChunkedCausalMask((t, t), chunk=t // 3),
   }
+
+
+# The masks whose layouts carry them, for the kernels to evaluate in partial blocks; the
+# others (tables) keep the element-mask table.
+COMPUTED = {"causal_local", "shards", "full", "chunked"}
 
 
 def random_block_mask(rng, blocks, block, density):
@@ -117,12 +123,14 @@ class TestXLA:
   def layout(self, mask, heads):
     return sja.make_layout(mask, num_heads=heads, block_q=self.BLOCK, block_kv=self.BLOCK)
 
-  @pytest.mark.parametrize("name", ["causal_local", "bigbird", "shards", "random_blocks", "full"])
+  @pytest.mark.parametrize("name", ["causal_local", "bigbird", "shards", "random_blocks", "full",
+                                    "chunked"])
   def test_matches_reference(self, name):
     t, heads = 4 * self.BLOCK, 2
     q, k, v, ct = inputs(0, 2, t, heads, heads, 32, jnp.float32)
-    check(self.IMPLEMENTATION, q, k, v, ct, self.layout(masks(t, heads)[name], heads),
-          self.INTERPRET)
+    layout = self.layout(masks(t, heads)[name], heads)
+    assert (layout.masks is not None) == (name in COMPUTED)  # the kernels' path: mask or table
+    check(self.IMPLEMENTATION, q, k, v, ct, layout, self.INTERPRET)
 
   def test_empty_rows(self):
     """A query row that sees no key gets 0 and a 0 gradient, never NaN."""
@@ -277,6 +285,47 @@ def test_bad_input():
                                       True)
 
 
+def _inner_jaxprs(eqn):
+  for param in jax.tree.leaves(list(eqn.params.values()),
+                               is_leaf=lambda x: hasattr(x, "eqns") or hasattr(x, "jaxpr")):
+    inner = getattr(param, "jaxpr", param)
+    if hasattr(inner, "eqns"):
+      yield inner
+
+
+def _pallas_calls(fn, *args):
+  """The pallas_call equations of fn's jaxpr (inside jit, custom_vjp and control flow)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found.append(eqn)
+      else:
+        for inner in _inner_jaxprs(eqn):
+          walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def _branches_on_block_kind(eqn) -> bool:
+  """Whether a kernel branches inside its loop over blocks (a cond in a loop or in a cond).
+
+  The Triton kernels loop with fori_loop, the Mosaic ones over grid steps guarded by
+  pl.when (a cond); neither had a cond nested there before the full/partial branch.
+  """
+  def nested(jaxpr, inside):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "cond" and inside:
+        return True
+      looped = inside or e.primitive.name in ("cond", "while")
+      if any(nested(inner, looped) for inner in _inner_jaxprs(e)):
+        return True
+    return False
+  return nested(eqn.params["jaxpr"], False)
+
+
 def _export(fn, platform, *args):
   checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
@@ -301,3 +350,22 @@ def test_kernels_lower_for_gpu_and_tpu(platform, block, marker, sizes, setting):
   grad = jax.grad(lambda q, k, v, lay: fwd(q, k, v, lay).astype(jnp.float32).sum(),
                   argnums=(0, 1, 2))
   assert _export(grad, platform, q, kv, kv, layout).count(marker) == 3  # fwd, dq, dk/dv
+  # The mask is evaluated in the kernels: no element-mask table among their inputs, and a
+  # branch on the block's kind; a table mask (BigBird) still reads its table.
+  table = jax.ShapeDtypeStruct(layout.partial.shape, jnp.int32)
+  bigbird = sja.make_layout(sja.BigBirdMask((t, t), block=block // 2), num_heads=heads,
+                            block_q=block, block_kv=block)
+  # Heads of different masks, with integer division (no sign op: Mosaic lowers it on a TPU only).
+  heads_masks = sja.MultiHeadMask((sja.ChunkedCausalMask((t, t), chunk=block + 32),
+                                   *sja.StridedShardMask.for_heads((t, t), heads - 1,
+                                                                   block=block // 2,
+                                                                   num_shards=3)))
+  rows = sja.make_layout(heads_masks, num_heads=heads, block_q=block, block_kv=block)
+  assert len(rows.masks) == heads
+  assert _export(grad, platform, q, kv, kv, rows).count(marker) == 3
+  for lay, with_table in [(layout, False), (rows, False), (bigbird, True)]:
+    calls = _pallas_calls(grad, q, kv, kv, lay)
+    assert len(calls) == 3 and all(_branches_on_block_kind(c) for c in calls)
+    tables = [any(v.aval.ndim == 3 and v.aval.shape[1:] == table.shape[1:]
+                  and v.aval.dtype == jnp.int32 for v in c.invars) for c in calls]
+    assert tables == [with_table] * 3, (lay.masks, tables)

@@ -3,9 +3,12 @@
 Forward: one program per (query block, batch, head) walks the layout's list
 of active key blocks with an online softmax and writes the output and the
 log-sum-exp. Backward: a dQ kernel walks the same lists; a dK/dV kernel walks
-the transposed lists (query blocks per key block). Partial blocks load their
-element mask from the layout. Runs on Ampere and newer through the Triton
-backend; on CPU with ``interpret=True``.
+the transposed lists (query blocks per key block). Each block is computed
+under a branch on its kind: full blocks skip masking, partial blocks evaluate
+the row's mask at the block's positions when the layout carries masks
+computable in a kernel (`Layout.masks`), else load their element mask from
+the layout's table. Runs on Ampere and newer through the Triton backend; on
+CPU with ``interpret=True``.
 
 Score modifiers (`mods.Mods`) are fused: each program loads its segment ids
 and masks elementwise, evaluates the traced `score_mod` on each block of
@@ -33,6 +36,7 @@ from sparsejax._src import pallas_common
 from sparsejax._src.attention import block_lists
 from sparsejax._src.attention import kernel_score_mod
 from sparsejax._src.attention import layout as layout_lib
+from sparsejax._src.attention import masks as masks_lib
 from sparsejax._src.attention import mods as mods_lib
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -83,23 +87,44 @@ def _next_pow2(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _meta(layout: layout_lib.Layout, batch: int, transposed: bool) -> tuple[jax.Array, int]:
-  """Per (batch, head, block): [count, index..., partial...] padded to a power of 2."""
+def _meta(layout: layout_lib.Layout, batch: int, transposed: bool,
+          mask_id: jax.Array | None) -> tuple[jax.Array, int]:
+  """Per (batch, head, block): [count, index..., partial..., mask id] padded to a power of 2.
+
+  The mask id (`block_lists.kernel_masks`) is there only if given.
+  """
   count, index, part = block_lists.for_heads(layout, batch, transposed=transposed)
   size = index.shape[-1]
-  meta = jnp.concatenate([count[..., None], index, part], axis=-1)  # [b, h, n, 1 + 2 size]
+  columns = [count[..., None], index, part]  # [b, h, n, 1 + 2 size]
+  if mask_id is not None:
+    columns.append(jnp.broadcast_to(mask_id[:, :, None, None], count.shape + (1,)))
+  meta = jnp.concatenate(columns, axis=-1)
   width = _next_pow2(meta.shape[-1])
   meta = jnp.pad(meta, [(0, 0)] * 3 + [(0, width - meta.shape[-1])])
   return meta, size
 
 
-def _partial_table(layout: layout_lib.Layout) -> jax.Array:
+def _table_input(layout: layout_lib.Layout, km):
+  """([the element-mask table], [its BlockSpec]), or two empty lists if the kernels use masks."""
+  if km.masks is not None:
+    return [], []
   p = layout.partial.astype(jnp.int32)
-  return jnp.pad(p, [(0, _next_pow2(p.shape[0]) - p.shape[0]), (0, 0), (0, 0)])
+  p = jnp.pad(p, [(0, _next_pow2(p.shape[0]) - p.shape[0]), (0, 0), (0, 0)])
+  return [p], [pl.BlockSpec(p.shape, lambda i, b, h: (0, 0, 0))]
 
 
-def _visible(partial_ref, pidx):
-  return jnp.where(pidx >= 0, partial_ref[jnp.maximum(pidx, 0)] != 0, True)
+def _partial_visible(km, partial_ref, meta_ref, size):
+  """``(pidx, q_pos, kv_pos) -> bool[bq, bkv]``: a partial block's entries, in a kernel."""
+  if km.masks is None:
+    return lambda pidx, q_pos, kv_pos: partial_ref[pidx] != 0
+  mask_id = meta_ref[1 + 2 * size] if len(km.masks) > 1 else None
+  return lambda pidx, q_pos, kv_pos: block_lists.visible(km.masks, mask_id, q_pos, kv_pos)
+
+
+def _by_kind(pidx, step, carry):
+  """``step(masked, carry)`` under a branch: full blocks (pidx -1) skip masking."""
+  return lax.cond(pidx >= 0, functools.partial(step, True), functools.partial(step, False),
+                  carry)
 
 
 # score_mod in a kernel: `kernel_score_mod` evaluates its jaxpr with the
@@ -125,12 +150,15 @@ class _KernelMods:
     segments: whether segment ids follow q, k, v among the inputs.
     sinks: whether the sink logits follow them.
     strict: refuse, at trace time, what the Triton lowering cannot do.
+    masks: the masks partial blocks evaluate (`block_lists.kernel_masks`),
+      or None: the element-mask table follows the block lists instead.
   """
 
   score_mod: kernel_score_mod.ScoreMod | None
   segments: bool
   sinks: bool
   strict: bool
+  masks: tuple[masks_lib.Mask, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +240,11 @@ def _eval_score_mod(km: _KernelMods, const_refs, b, h):
   return lambda s, q_pos, kv_pos: km.score_mod.apply(policy, views, s, b, h, q_pos, kv_pos)
 
 
+def _split_table(refs, km: _KernelMods):
+  """(the element-mask table's ref or None, the refs after it)."""
+  return (None, refs) if km.masks is not None else (refs[0], refs[1:])
+
+
 def _unpack(refs, km: _KernelMods):
   """The refs after q, k, v: (q ids, kv ids, sinks, captured arrays, outputs); None if absent."""
   refs = list(refs)
@@ -233,11 +266,14 @@ def _positions(start, size: int, axis: int) -> jax.Array:
 def _scores(score_mod, q, k, sm_scale, visible, q_pos, kv_pos, q_ids, kv_ids, derivative=False):
   """One block pair: the scores after score_mod, where they are visible, d score / d raw score.
 
-  The derivative is None without score_mod or unless asked for (backward).
+  `visible` (and the result) is None where every entry is (a full block
+  without segment ids). The derivative is None without score_mod or unless
+  asked for (backward).
   """
   s = _dot(q, k, pallas_common.NT) * sm_scale
   if q_ids is not None:
-    visible = visible & (q_ids[:, None] == kv_ids[None, :])
+    same = q_ids[:, None] == kv_ids[None, :]
+    visible = same if visible is None else visible & same
   if score_mod is None:
     return s, visible, None
   modded = lambda s: score_mod(s, q_pos, kv_pos)  # noqa: E731
@@ -247,8 +283,10 @@ def _scores(score_mod, q, k, sm_scale, visible, q_pos, kv_pos, q_ids, kv_ids, de
   return s, visible, dmod
 
 
-def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, *refs, sm_scale, block_kv, size, km):
+def _fwd_kernel(meta_ref, *refs, sm_scale, block_kv, size, km):
+  partial_ref, (q_ref, k_ref, v_ref, *refs) = _split_table(refs, km)
   q_ids_ref, kv_ids_ref, sinks_ref, const_refs, (o_ref, lse_ref) = _unpack(refs, km)
+  partial_visible = _partial_visible(km, partial_ref, meta_ref, size)
   q = q_ref[...]
   block_q, dim = q.shape
   b, h = pl.program_id(1), pl.program_id(2)
@@ -257,21 +295,29 @@ def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, *refs, sm_scale, blo
   q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
   def body(j, carry):
-    acc, m, l = carry
-    kv = meta_ref[1 + j]
+    kv, pidx = meta_ref[1 + j], meta_ref[1 + size + j]
     cols = pl.ds(kv * block_kv, block_kv)
-    k, v = k_ref[cols, :], v_ref[cols, :]
-    s, visible, _ = _scores(score_mod, q, k, sm_scale,
-                            _visible(partial_ref, meta_ref[1 + size + j]),
-                            q_pos, _positions(kv, block_kv, 1), q_ids,
-                            None if kv_ids_ref is None else kv_ids_ref[cols])
-    s = jnp.where(visible, s, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-    correction = jnp.exp(m - m_new)
-    l = correction * l + jnp.sum(p, axis=1)
-    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, pallas_common.NN)
-    return acc, m_new, l
+    kv_pos = _positions(kv, block_kv, 1)
+
+    def step(masked, carry):
+      acc, m, l = carry
+      k, v = k_ref[cols, :], v_ref[cols, :]
+      s, visible, _ = _scores(score_mod, q, k, sm_scale,
+                              partial_visible(pidx, q_pos, kv_pos) if masked else None,
+                              q_pos, kv_pos, q_ids,
+                              None if kv_ids_ref is None else kv_ids_ref[cols])
+      if visible is not None:
+        s = jnp.where(visible, s, _NEG)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.exp(s - m_new[:, None])
+      if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+      correction = jnp.exp(m - m_new)
+      l = correction * l + jnp.sum(p, axis=1)
+      acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, pallas_common.NN)
+      return acc, m_new, l
+
+    return _by_kind(pidx, step, carry)
 
   if sinks_ref is None:
     m0, l0 = jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32)
@@ -286,17 +332,20 @@ def _fwd_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, *refs, sm_scale, blo
 
 def _ds(s, visible, dmod, lse, do, v, delta):
   """The probabilities of one block pair and d loss / d raw scores (0 where not visible)."""
-  p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+  p = jnp.exp(s - lse[:, None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
   dp = _dot(do, v, pallas_common.NT)
   ds = p * (dp - delta[:, None])
   if dmod is not None:
-    ds = jnp.where(visible, ds * dmod, 0.0)
+    ds = ds * dmod if visible is None else jnp.where(visible, ds * dmod, 0.0)
   return p, ds
 
 
-def _dq_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               sm_scale, block_kv, size, km):
+def _dq_kernel(meta_ref, *refs, sm_scale, block_kv, size, km):
+  partial_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs) = _split_table(refs, km)
   q_ids_ref, kv_ids_ref, _, const_refs, (dq_ref,) = _unpack(refs, km)
+  partial_visible = _partial_visible(km, partial_ref, meta_ref, size)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   block_q = q.shape[0]
@@ -305,23 +354,30 @@ def _dq_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
   q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
   def body(j, dq):
-    kv = meta_ref[1 + j]
+    kv, pidx = meta_ref[1 + j], meta_ref[1 + size + j]
     cols = pl.ds(kv * block_kv, block_kv)
-    k, v = k_ref[cols, :], v_ref[cols, :]
-    s, visible, dmod = _scores(score_mod, q, k, sm_scale,
-                               _visible(partial_ref, meta_ref[1 + size + j]),
-                               q_pos, _positions(kv, block_kv, 1), q_ids,
-                               None if kv_ids_ref is None else kv_ids_ref[cols], derivative=True)
-    _, ds = _ds(s, visible, dmod, lse, do, v, delta)
-    return dq + _dot(ds.astype(k.dtype), k, pallas_common.NN)
+    kv_pos = _positions(kv, block_kv, 1)
+
+    def step(masked, dq):
+      k, v = k_ref[cols, :], v_ref[cols, :]
+      s, visible, dmod = _scores(score_mod, q, k, sm_scale,
+                                 partial_visible(pidx, q_pos, kv_pos) if masked else None,
+                                 q_pos, kv_pos, q_ids,
+                                 None if kv_ids_ref is None else kv_ids_ref[cols],
+                                 derivative=True)
+      _, ds = _ds(s, visible, dmod, lse, do, v, delta)
+      return dq + _dot(ds.astype(k.dtype), k, pallas_common.NN)
+
+    return _by_kind(pidx, step, dq)
 
   dq = lax.fori_loop(0, meta_ref[0], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                sm_scale, block_q, size, km):
+def _dkv_kernel(meta_ref, *refs, sm_scale, block_q, size, km):
+  partial_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs) = _split_table(refs, km)
   q_ids_ref, kv_ids_ref, _, const_refs, (dk_ref, dv_ref) = _unpack(refs, km)
+  partial_visible = _partial_visible(km, partial_ref, meta_ref, size)
   k, v = k_ref[...], v_ref[...]
   block_kv = k.shape[0]
   score_mod = _eval_score_mod(km, const_refs, pl.program_id(1), pl.program_id(2))
@@ -329,20 +385,24 @@ def _dkv_kernel(meta_ref, partial_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
 
   def body(j, carry):
-    dk, dv = carry
-    qb = meta_ref[1 + j]
+    qb, pidx = meta_ref[1 + j], meta_ref[1 + size + j]
     rows = pl.ds(qb * block_q, block_q)
-    q, do = q_ref[rows, :], do_ref[rows, :]
-    lse, delta = lse_ref[rows], delta_ref[rows]
-    s, visible, dmod = _scores(score_mod, q, k, sm_scale,
-                               _visible(partial_ref, meta_ref[1 + size + j]),
-                               _positions(qb, block_q, 0), kv_pos,
-                               None if q_ids_ref is None else q_ids_ref[rows], kv_ids,
-                               derivative=True)
-    p, ds = _ds(s, visible, dmod, lse, do, v, delta)
-    dv = dv + _dot(p.astype(do.dtype), do, pallas_common.TN)
-    dk = dk + _dot(ds.astype(q.dtype), q, pallas_common.TN)
-    return dk, dv
+    q_pos = _positions(qb, block_q, 0)
+
+    def step(masked, carry):
+      dk, dv = carry
+      q, do = q_ref[rows, :], do_ref[rows, :]
+      lse, delta = lse_ref[rows], delta_ref[rows]
+      s, visible, dmod = _scores(score_mod, q, k, sm_scale,
+                                 partial_visible(pidx, q_pos, kv_pos) if masked else None,
+                                 q_pos, kv_pos, None if q_ids_ref is None else q_ids_ref[rows],
+                                 kv_ids, derivative=True)
+      p, ds = _ds(s, visible, dmod, lse, do, v, delta)
+      dv = dv + _dot(p.astype(do.dtype), do, pallas_common.TN)
+      dk = dk + _dot(ds.astype(q.dtype), q, pallas_common.TN)
+      return dk, dv
+
+    return _by_kind(pidx, step, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, meta_ref[0], body, (zeros, zeros))
@@ -380,15 +440,16 @@ def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, km, sm_scale, block_
   batch, q_len, heads, dim = q.shape
   kv_len, group = k.shape[1], heads // k.shape[2]
   bq, bkv = layout.block_q, layout.block_kv
-  meta, size = _meta(layout, batch, transposed=False)
-  partial = _partial_table(layout)
+  mask_id = block_lists.kernel_masks(layout, batch)[1]
+  meta, size = _meta(layout, batch, False, mask_id)
+  table, table_specs = _table_input(layout, km)
   extra, extra_specs = _mod_inputs(km, q_ids, kv_ids, sinks, consts, bq, None)
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, sm_scale=sm_scale, block_kv=bkv, size=size, km=km),
       grid=(q_len // bq, batch, heads),
       in_specs=[
           pl.BlockSpec((None, None, None, meta.shape[-1]), lambda i, b, h: (b, h, i, 0)),
-          pl.BlockSpec(partial.shape, lambda i, b, h: (0, 0, 0)),
+          *table_specs,
           pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
           pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0)),
           pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0)),
@@ -403,7 +464,7 @@ def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, km, sm_scale, block_
       compiler_params=None if interpret else _compiler_params(dim, block_sizes),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(meta, partial, q, k, v, *extra)
+  )(meta, *table, q, k, v, *extra)
   return out, lse
 
 
@@ -413,9 +474,10 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, km, sm_sca
   kv_len, group = k.shape[1], heads // k.shape[2]
   bq, bkv = layout.block_q, layout.block_kv
   km = dataclasses.replace(km, sinks=False)  # the sinks are in lse
-  partial = _partial_table(layout)
+  table, table_specs = _table_input(layout, km)
   params = None if interpret else _compiler_params(dim, block_sizes)
-  meta, size = _meta(layout, batch, transposed=False)
+  mask_id = block_lists.kernel_masks(layout, batch)[1]
+  meta, size = _meta(layout, batch, False, mask_id)
   kv_spec = pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0))
   row_spec = pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0))
   stat_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
@@ -424,13 +486,12 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, km, sm_sca
       functools.partial(_dq_kernel, sm_scale=sm_scale, block_kv=bkv, size=size, km=km),
       grid=(q_len // bq, batch, heads),
       in_specs=[pl.BlockSpec((None, None, None, meta.shape[-1]), lambda i, b, h: (b, h, i, 0)),
-                pl.BlockSpec(partial.shape, lambda i, b, h: (0, 0, 0)),
-                row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec, *extra_specs],
+                *table_specs, row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec, *extra_specs],
       out_specs=row_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dq",
-  )(meta, partial, q, k, v, do, lse, delta, *extra)
-  meta_t, size_t = _meta(layout, batch, transposed=True)
+  )(meta, *table, q, k, v, do, lse, delta, *extra)
+  meta_t, size_t = _meta(layout, batch, True, mask_id)
   seq_spec = pl.BlockSpec((None, q_len, None, dim), lambda i, b, h: (b, 0, h, 0))
   seq_stat = pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))
   kv_block = pl.BlockSpec((None, bkv, None, dim), lambda i, b, h: (b, i, h // group, 0))
@@ -440,12 +501,11 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, km, sm_sca
       functools.partial(_dkv_kernel, sm_scale=sm_scale, block_q=bq, size=size_t, km=km),
       grid=(kv_len // bkv, batch, heads),
       in_specs=[pl.BlockSpec((None, None, None, meta_t.shape[-1]), lambda i, b, h: (b, h, i, 0)),
-                pl.BlockSpec(partial.shape, lambda i, b, h: (0, 0, 0)),
-                seq_spec, kv_block, kv_block, seq_spec, seq_stat, seq_stat, *extra_specs],
+                *table_specs, seq_spec, kv_block, kv_block, seq_spec, seq_stat, seq_stat, *extra_specs],
       out_specs=[out_block, out_block],
       out_shape=[jax.ShapeDtypeStruct((batch, kv_len, heads, dim), k.dtype)] * 2,
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dkv",
-  )(meta_t, partial, q, k, v, do, lse, delta, *extra)
+  )(meta_t, *table, q, k, v, do, lse, delta, *extra)
   # Per query head; heads that share a key head add up (GQA / MQA).
   dk = dk.reshape(batch, kv_len, heads // group, group, dim).sum(3)
   dv = dv.reshape(batch, kv_len, heads // group, group, dim).sum(3)
@@ -483,7 +543,8 @@ def _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, blo
   _validate_args(layout, block_sizes)
   if q.shape[0] == 0:  # an empty batch launches no programs
     return jnp.zeros_like(q), (q, k, v, layout, q_ids, kv_ids, sinks, consts, None, None)
-  km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret)
+  km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret,
+                   block_lists.kernel_masks(layout, q.shape[0])[0])
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
   qp, kp, vp = (_pad_dim(x, padded) for x in (q, k, v))
@@ -500,7 +561,8 @@ def _bwd(score_mod, sm_scale, block_sizes, interpret, residuals, do):
     return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None, None, None,
             None if sinks is None else jnp.zeros_like(sinks),
             mods_lib.const_cotangents(consts, zeros))
-  km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret)
+  km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret,
+                   block_lists.kernel_masks(layout, q.shape[0])[0])
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)

@@ -6,7 +6,11 @@ slot)`` only ever DMAs active blocks; slots past a row's count re-read the
 previous block (padding repeats it) and skip their compute. Forward and dQ
 walk the key-block lists; dK/dV walks the transposed query-block lists. q, k
 and v are moved to [batch, heads, seq, head_dim] so tiles meet the TPU's
-(8, 128) layout. Runs on TPU, and on CPU with ``interpret=True``.
+(8, 128) layout. Each step branches on its block's kind: full blocks skip
+masking; partial blocks evaluate the row's mask at the block's positions when
+the layout carries masks computable in a kernel (`Layout.masks`), else read
+their element mask from the layout's table (a DMA per partial block). Runs on
+TPU, and on CPU with ``interpret=True``.
 
 Segment ids, a score_mod and sinks (`mods.Mods`) are applied inside the
 kernels: query ids come as [batch, q_len, 128] (the id broadcast over lanes)
@@ -37,6 +41,7 @@ from sparsejax._src import pallas_common
 from sparsejax._src.attention import block_lists
 from sparsejax._src.attention import kernel_score_mod
 from sparsejax._src.attention import layout as layout_lib
+from sparsejax._src.attention import masks as masks_lib
 from sparsejax._src.attention import mods as mods_lib
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -202,42 +207,57 @@ def _plan_score_mod(score_mod, block_q: int, block_kv: int, interpret: bool):
 
 @dataclasses.dataclass(frozen=True)
 class _KernelMods:
-  """Static: the optional inputs that follow `partial` in a kernel's refs, and their use.
+  """Static: the optional inputs that follow q, k, v (and do, lse, delta) in a kernel's refs.
 
   Attributes:
     segments: q ids [bq, 128] and kv ids [8, bkv] refs follow.
     sinks: a float32[heads] SMEM ref follows (forward only).
     score_mod: a `_ScoreMod` whose captured arrays' refs follow, or None.
+    masks: the masks partial blocks evaluate (`block_lists.kernel_masks`),
+      with an int32[batch * heads] SMEM ref of mask ids first if there are
+      several; or None: the partial block's element-mask ref comes first.
   """
 
   segments: bool
   sinks: bool
   score_mod: _ScoreMod | None
+  masks: tuple[masks_lib.Mask, ...] | None = None
 
-  def split(self, refs):
-    """(segment id refs or None, sinks ref or None, score_mod refs, the remaining refs)."""
+  def split(self, refs, b, h, heads):
+    """(partial-block visibility, segment id refs or None, sinks ref or None, score_mod refs,
+    the remaining refs); the visibility maps (q positions, kv positions) to bool[bq, bkv]."""
     refs = list(refs)
+    if self.masks is None:
+      table = refs.pop(0)
+      partial = lambda q_idx, kv_idx: table[...] != 0  # noqa: E731
+    else:
+      mask_id = refs.pop(0)[b * heads + h] if len(self.masks) > 1 else None
+      partial = functools.partial(block_lists.visible, self.masks, mask_id)
     ids = (refs.pop(0), refs.pop(0)) if self.segments else None
     sinks = refs.pop(0) if self.sinks else None
     n = 0 if self.score_mod is None else len(self.score_mod.smem)
-    return ids, sinks, refs[:n], refs[n:]
+    return partial, ids, sinks, refs[:n], refs[n:]
 
-  def scores(self, q_ref, k_ref, partial_ref, pidx, ids, mod_refs, sm_scale, b, h, q_block,
-             kv_block, with_slope):
+  def scores(self, q_ref, k_ref, partial, ids, mod_refs, sm_scale, b, h, q_block, kv_block,
+             with_slope):
     """A block's scores after score_mod, where they are visible, and d score / d raw score.
 
-    The slope is None without a score_mod or unless `with_slope`.
+    `partial` is the partial-block visibility of `split`, or None for a full
+    block; the visibility returned is None where every entry is (a full
+    block without segment ids). The slope is None without a score_mod or
+    unless `with_slope`.
     """
     s = _dot(q_ref[...], k_ref[...], pallas_common.NT) * sm_scale
     bq, bkv = s.shape
-    visible = jnp.where(pidx >= 0, partial_ref[...] != 0, True)
-    if ids is not None:
-      q_ids, kv_ids = ids
-      visible = visible & (jnp.tile(q_ids[...], (1, bkv // _LANES)) == kv_ids[:1, :])
-    if self.score_mod is None:
-      return s, visible, None
     q_idx = q_block * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     kv_idx = kv_block * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+    visible = None if partial is None else partial(q_idx, kv_idx)
+    if ids is not None:
+      q_ids, kv_ids = ids
+      same = jnp.tile(q_ids[...], (1, bkv // _LANES)) == kv_ids[:1, :]
+      visible = same if visible is None else visible & same
+    if self.score_mod is None:
+      return s, visible, None
     mod = lambda raw: self.score_mod(mod_refs, raw, b, h, q_idx, kv_idx)  # noqa: E731
     if not with_slope:
       return mod(s), visible, None
@@ -245,11 +265,16 @@ class _KernelMods:
     return s, visible, slope
 
 
-def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, *refs, sm_scale,
-                heads, blocks, slots, kmods):
-  ids, sinks_ref, mod_refs, (o_ref, lse_ref, m_scratch, l_scratch, acc_scratch) = (
-      kmods.split(refs))
+def _by_kind(pidx, step, partial):
+  """``step(partial visibility or None)`` under a branch: full blocks (pidx -1) skip masking."""
+  lax.cond(pidx >= 0, lambda: step(partial), lambda: step(None))
+
+
+def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, *refs, sm_scale, heads, blocks,
+                slots, kmods):
   b, h, i, j = (pl.program_id(a) for a in range(4))
+  partial, ids, sinks_ref, mod_refs, (o_ref, lse_ref, m_scratch, l_scratch, acc_scratch) = (
+      kmods.split(refs, b, h, heads))
   row = (b * heads + h) * blocks + i
 
   @pl.when(j == 0)
@@ -259,19 +284,25 @@ def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, *re
     l_scratch[...] = jnp.full(l_scratch.shape, l0, jnp.float32)
     acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-  @pl.when(j < num_ref[row])
-  def _step():
-    s, visible, _ = kmods.scores(q_ref, k_ref, partial_ref, pid_ref[row * slots + j], ids,
-                                 mod_refs, sm_scale, b, h, i, idx_ref[row * slots + j], False)
-    s = jnp.where(visible, s, _NEG)
+  def step(partial):
+    s, visible, _ = kmods.scores(q_ref, k_ref, partial, ids, mod_refs, sm_scale, b, h, i,
+                                 idx_ref[row * slots + j], False)
+    if visible is not None:
+      s = jnp.where(visible, s, _NEG)
     m_prev = m_scratch[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, lanes]
-    p = jnp.where(visible, jnp.exp(s - m_next[:, :1]), 0.0)
+    p = jnp.exp(s - m_next[:, :1])
+    if visible is not None:
+      p = jnp.where(visible, p, 0.0)
     alpha = jnp.exp(m_prev - m_next)
     l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
     m_scratch[...] = m_next
     pv = _dot(p.astype(v_ref.dtype), v_ref[...], pallas_common.NN)
     acc_scratch[...] = alpha[:, :1] * acc_scratch[...] + pv
+
+  @pl.when(j < num_ref[row])
+  def _step():
+    _by_kind(pid_ref[row * slots + j], step, partial)
 
   @pl.when(j == slots - 1)
   def _finish():
@@ -282,35 +313,39 @@ def _fwd_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, partial_ref, *re
     lse_ref[...] = jnp.where(empty, 0.0, m_scratch[...] + jnp.log(safe))
 
 
-def _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial_ref, pidx, ids, mod_refs,
+def _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial, ids, mod_refs,
         sm_scale, b, h, q_block, kv_block):
   """A block's probabilities and d loss / d raw score (before sm_scale), for dQ and dK/dV."""
-  s, visible, slope = kmods.scores(q_ref, k_ref, partial_ref, pidx, ids, mod_refs, sm_scale, b,
-                                   h, q_block, kv_block, True)
-  p = jnp.where(visible, jnp.exp(s - lse_ref[0][:, None]), 0.0)
+  s, visible, slope = kmods.scores(q_ref, k_ref, partial, ids, mod_refs, sm_scale, b, h, q_block,
+                                   kv_block, True)
+  p = jnp.exp(s - lse_ref[0][:, None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
   dp = _dot(do_ref[...], v_ref[...], pallas_common.NT)
   ds = p * (dp - delta_ref[0][:, None])
   if slope is not None:
-    ds = ds * jnp.where(visible, slope, 0.0)
+    ds = ds * (slope if visible is None else jnp.where(visible, slope, 0.0))
   return p, ds
 
 
 def _dq_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               partial_ref, *refs, sm_scale, heads, blocks, slots, kmods):
-  ids, _, mod_refs, (dq_ref, dq_scratch) = kmods.split(refs)
+               *refs, sm_scale, heads, blocks, slots, kmods):
   b, h, i, j = (pl.program_id(a) for a in range(4))
+  partial, ids, _, mod_refs, (dq_ref, dq_scratch) = kmods.split(refs, b, h, heads)
   row = (b * heads + h) * blocks + i
 
   @pl.when(j == 0)
   def _init():
     dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
+  def step(partial):
+    _, ds = _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial, ids, mod_refs,
+                sm_scale, b, h, i, idx_ref[row * slots + j])
+    dq_scratch[...] += _dot(ds.astype(k_ref.dtype), k_ref[...], pallas_common.NN)
+
   @pl.when(j < num_ref[row])
   def _step():
-    _, ds = _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial_ref,
-                pid_ref[row * slots + j], ids, mod_refs, sm_scale, b, h, i,
-                idx_ref[row * slots + j])
-    dq_scratch[...] += _dot(ds.astype(k_ref.dtype), k_ref[...], pallas_common.NN)
+    _by_kind(pid_ref[row * slots + j], step, partial)
 
   @pl.when(j == slots - 1)
   def _finish():
@@ -318,9 +353,10 @@ def _dq_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
 
 def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                partial_ref, *refs, sm_scale, heads, blocks, slots, kmods):
-  ids, _, mod_refs, (dk_ref, dv_ref, dk_scratch, dv_scratch) = kmods.split(refs)
+                *refs, sm_scale, heads, blocks, slots, kmods):
   b, h, i, j = (pl.program_id(a) for a in range(4))
+  partial, ids, _, mod_refs, (dk_ref, dv_ref, dk_scratch, dv_scratch) = kmods.split(
+      refs, b, h, heads)
   row = (b * heads + h) * blocks + i
 
   @pl.when(j == 0)
@@ -328,14 +364,16 @@ def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
     dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-  @pl.when(j < num_ref[row])
-  def _step():
-    p, ds = _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial_ref,
-                pid_ref[row * slots + j], ids, mod_refs, sm_scale, b, h,
-                idx_ref[row * slots + j], i)
+  def step(partial):
+    p, ds = _ds(kmods, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, partial, ids, mod_refs,
+                sm_scale, b, h, idx_ref[row * slots + j], i)
     q, do = q_ref[...], do_ref[...]
     dv_scratch[...] += _dot(p.astype(do.dtype), do, pallas_common.TN)
     dk_scratch[...] += _dot(ds.astype(q.dtype), q, pallas_common.TN)
+
+  @pl.when(j < num_ref[row])
+  def _step():
+    _by_kind(pid_ref[row * slots + j], step, partial)
 
   @pl.when(j == slots - 1)
   def _finish():
@@ -343,10 +381,23 @@ def _dkv_kernel(num_ref, idx_ref, pid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _extras(layout, q_ids, kv_ids, sinks, consts, score_mod, at_q_ids, at_kv_ids):
-  """The optional kernel inputs after `partial`, their BlockSpecs, and their `_KernelMods`."""
+def _extras(layout, batch, q_ids, kv_ids, sinks, consts, score_mod, at_partial, at_q_ids,
+            at_kv_ids):
+  """The optional kernel inputs after the fixed ones, their BlockSpecs, and their `_KernelMods`.
+
+  First how partial blocks are masked: the layout's element-mask table, a
+  block of it per step (`at_partial`), or, with masks computable in the
+  kernel, nothing or (several masks) each (batch, head)'s mask id in SMEM.
+  """
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   arrays, specs = [], []
+  masks, mask_id = block_lists.kernel_masks(layout, batch)
+  if masks is None:
+    arrays.append(layout.partial.astype(jnp.int32))
+    specs.append(pl.BlockSpec((None, layout.block_q, layout.block_kv), at_partial))
+  elif mask_id is not None:
+    arrays.append(mask_id.reshape(-1))
+    specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
   if q_ids is not None:  # ids broadcast over lanes (q) and sublanes (kv), as splash lays them out
     batch, q_len, kv_len = q_ids.shape[0], q_ids.shape[1], kv_ids.shape[1]
     arrays += [jnp.broadcast_to(q_ids[:, :, None], (batch, q_len, _LANES)),
@@ -359,7 +410,7 @@ def _extras(layout, q_ids, kv_ids, sinks, consts, score_mod, at_q_ids, at_kv_ids
   if score_mod is not None:
     mod_arrays, mod_specs = score_mod.inputs(consts)
     arrays, specs = arrays + mod_arrays, specs + mod_specs
-  return arrays, specs, _KernelMods(q_ids is not None, sinks is not None, score_mod)
+  return arrays, specs, _KernelMods(q_ids is not None, sinks is not None, score_mod, masks)
 
 
 def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, block_sizes,
@@ -374,7 +425,8 @@ def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale,
   at_q = lambda b, h, i, j, n, x, p: (b, h, i, 0)
   at_kv = lambda b, h, i, j, n, x, p: (b, lax.div(h, group), x[flat(b, h, i, j)], 0)
   extra, extra_specs, kmods = _extras(
-      layout, q_ids, kv_ids, sinks, consts, score_mod,
+      layout, batch, q_ids, kv_ids, sinks, consts, score_mod,
+      at_partial=lambda b, h, i, j, n, x, p: (jnp.maximum(p[flat(b, h, i, j)], 0), 0, 0),
       at_q_ids=lambda b, h, i, j, n, x, p: (b, i, 0),
       at_kv_ids=lambda b, h, i, j, n, x, p: (b, 0, x[flat(b, h, i, j)]))
   grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -384,8 +436,6 @@ def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale,
           pl.BlockSpec((None, None, bq, dim), at_q),
           pl.BlockSpec((None, None, bkv, dim), at_kv),
           pl.BlockSpec((None, None, bkv, dim), at_kv),
-          pl.BlockSpec((None, bq, bkv),
-                       lambda b, h, i, j, n, x, p: (jnp.maximum(p[flat(b, h, i, j)], 0), 0, 0)),
           *extra_specs,
       ],
       out_specs=[
@@ -404,7 +454,7 @@ def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale,
       compiler_params=None if interpret else _compiler_params(block_sizes),
       interpret=interpret,
       name="block_sparse_attention_fwd_tpu",
-  )(num, idx, pid, q, k, v, layout.partial.astype(jnp.int32), *extra)
+  )(num, idx, pid, q, k, v, *extra)
   return out, lse[..., 0]
 
 
@@ -417,7 +467,6 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, score_mod,
   bq, bkv = layout.block_q, layout.block_kv
   nq, nk = q_len // bq, kv_len // bkv
   lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]  # [b, h, 1, t]
-  partial = layout.partial.astype(jnp.int32)
   params = None if interpret else _compiler_params(block_sizes)
 
   num, idx, pid, slots = _flat_meta(layout, batch, transposed=False)
@@ -427,7 +476,7 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, score_mod,
   at_row = lambda b, h, i, j, n, x, p: (b, h, 0, i)
   at_partial = lambda b, h, i, j, n, x, p: (jnp.maximum(p[flat(b, h, i, j)], 0), 0, 0)
   extra, extra_specs, kmods = _extras(
-      layout, q_ids, kv_ids, None, consts, score_mod,
+      layout, batch, q_ids, kv_ids, None, consts, score_mod, at_partial,
       at_q_ids=lambda b, h, i, j, n, x, p: (b, i, 0),
       at_kv_ids=lambda b, h, i, j, n, x, p: (b, 0, x[flat(b, h, i, j)]))
   dq = pl.pallas_call(
@@ -441,13 +490,12 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, score_mod,
                     pl.BlockSpec((None, None, bq, dim), at_q),
                     pl.BlockSpec((None, None, 1, bq), at_row),
                     pl.BlockSpec((None, None, 1, bq), at_row),
-                    pl.BlockSpec((None, bq, bkv), at_partial),
                     *extra_specs],
           out_specs=pl.BlockSpec((None, None, bq, dim), at_q),
           scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dq_tpu",
-  )(num, idx, pid, q, k, v, do, lse_rows, delta_rows, partial, *extra)
+  )(num, idx, pid, q, k, v, do, lse_rows, delta_rows, *extra)
 
   num_t, idx_t, pid_t, slots_t = _flat_meta(layout, batch, transposed=True)
   flat_t = lambda b, h, i, j: ((b * heads + h) * nk + i) * slots_t + j
@@ -457,7 +505,7 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, score_mod,
   at_partial_t = lambda b, h, i, j, n, x, p: (jnp.maximum(p[flat_t(b, h, i, j)], 0), 0, 0)
   at_out = lambda b, h, i, j, n, x, p: (b, h, i, 0)
   extra_t, extra_specs_t, _ = _extras(
-      layout, q_ids, kv_ids, None, consts, score_mod,
+      layout, batch, q_ids, kv_ids, None, consts, score_mod, at_partial_t,
       at_q_ids=lambda b, h, i, j, n, x, p: (b, x[flat_t(b, h, i, j)], 0),
       at_kv_ids=lambda b, h, i, j, n, x, p: (b, 0, i))
   dk, dv = pl.pallas_call(
@@ -471,13 +519,12 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, score_mod,
                     pl.BlockSpec((None, None, bq, dim), at_qt),
                     pl.BlockSpec((None, None, 1, bq), at_row_t),
                     pl.BlockSpec((None, None, 1, bq), at_row_t),
-                    pl.BlockSpec((None, bq, bkv), at_partial_t),
                     *extra_specs_t],
           out_specs=[pl.BlockSpec((None, None, bkv, dim), at_out)] * 2,
           scratch_shapes=[pltpu.VMEM((bkv, dim), jnp.float32)] * 2),
       out_shape=[jax.ShapeDtypeStruct((batch, heads, kv_len, dim), k.dtype)] * 2,
       compiler_params=params, interpret=interpret, name="block_sparse_attention_dkv_tpu",
-  )(num_t, idx_t, pid_t, q, k, v, do, lse_rows, delta_rows, partial, *extra_t)
+  )(num_t, idx_t, pid_t, q, k, v, do, lse_rows, delta_rows, *extra_t)
   # Per query head; heads that share a key head add up (GQA / MQA).
   dk = dk.reshape(batch, kv_heads, group, kv_len, dim).sum(2)
   dv = dv.reshape(batch, kv_heads, group, kv_len, dim).sum(2)
