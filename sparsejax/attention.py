@@ -11,6 +11,8 @@ Example:
 
 from sparsejax._src.attention.api import IMPLEMENTATIONS as IMPLEMENTATIONS
 from sparsejax._src.attention.api import block_sparse_attention as block_sparse_attention
+from sparsejax._src.attention.decode import combine as combine
+from sparsejax._src.attention.decode import decode_attention as decode_attention
 from sparsejax._src.attention.layout import Layout as Layout
 from sparsejax._src.attention.layout import dense_mask as dense_mask
 from sparsejax._src.attention.layout import make_layout as make_layout
@@ -44,6 +46,8 @@ __all__ = (
     "StridedShardMask",
     "VerticalSlashMask",
     "block_sparse_attention",
+    "combine",
+    "decode_attention",
     "dense_mask",
     "make_layout",
     "plot_layout",
