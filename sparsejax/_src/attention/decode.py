@@ -115,15 +115,22 @@ def _visible(mask, heads, lengths, q_tokens, kv_pos):
 
 
 def _attend(q, k, v, visible, sm_scale):
-  """Attention over one set of keys: (out float32, lse float32[batch, heads, q_tokens])."""
-  group = q.shape[2] // k.shape[2]
-  k = jnp.repeat(k, group, axis=2).astype(jnp.float32)
-  v = jnp.repeat(v, group, axis=2).astype(jnp.float32)
-  s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k) * sm_scale
+  """Attention over one set of keys: (out float32, lse float32[batch, heads, q_tokens]).
+
+  Query heads are grouped over their key head (GQA) instead of repeating the
+  cache, which would copy it.
+  """
+  batch, q_tokens, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(batch, q_tokens, kv_heads, heads // kv_heads, dim)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * sm_scale
+  s = s.reshape(batch, heads, q_tokens, k.shape[1])
   s = jnp.where(visible, s, -jnp.inf)
   lse = jax.nn.logsumexp(s, axis=-1)
   p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-  return jnp.einsum("bhts,bshd->bthd", p, v), lse
+  p = p.reshape(batch, kv_heads, heads // kv_heads, q_tokens, k.shape[1])
+  out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+  return out.reshape(batch, q_tokens, heads, dim), lse
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
