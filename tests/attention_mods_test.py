@@ -21,16 +21,9 @@ from sparsejax import attention as sja
 from sparsejax._src.attention import pallas_gpu
 from sparsejax._src.attention import pallas_tpu
 
+from kernel_testing import attention_inputs as inputs, export_mlir as _export  # pylint: disable=g-multiple-import
+
 TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2, jnp.float16: 1e-2}
-
-
-def inputs(seed, batch, t, heads, kv_heads, dim, dtype):
-  rng = np.random.default_rng(seed)
-  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
-  q = normal(batch, t, heads, dim).astype(dtype)
-  k = normal(batch, t, kv_heads, dim).astype(dtype)
-  v = normal(batch, t, kv_heads, dim).astype(dtype)
-  return q, k, v, normal(batch, t, heads, dim)
 
 
 def documents(seed, batch, t, mean_length):
@@ -282,12 +275,6 @@ def test_bad_input():
   kv = jnp.zeros((1, 2 * t, 2, 16))
   with pytest.raises(ValueError, match=r"kv_segment_ids is required when q_len \(64\) != kv_len"):
     sja.block_sparse_attention(q, kv, kv, cross, q_segment_ids=jnp.zeros((1, t), jnp.int32))
-
-
-def _export(fn, platform, *args):
-  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
-  return exported.mlir_module()
 
 
 @pytest.mark.parametrize("platform, block, marker", [

@@ -18,6 +18,8 @@ from sparsejax import attention as sja
 from sparsejax._src.attention import pallas_gpu
 from sparsejax._src.attention import pallas_tpu
 
+from kernel_testing import attention_inputs as inputs, export_mlir as _export  # pylint: disable=g-multiple-import
+
 TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2, jnp.float16: 1e-2}
 
 
@@ -49,16 +51,6 @@ def random_block_mask(rng, blocks, block, density):
   array = np.kron(table, np.ones((block, block), bool)) & (rng.random((t, t)) < 0.9)
   array[np.arange(t), np.repeat(chosen, block) * block + rng.integers(block, size=t)] = True
   return array  # ... and each of its rows a key in it
-
-
-def inputs(seed, batch, t, heads, kv_heads, dim, dtype):
-  """Host random values: jax.random.normal would compile for every new shape."""
-  rng = np.random.default_rng(seed)
-  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
-  q = normal(batch, t, heads, dim).astype(dtype)
-  k = normal(batch, t, kv_heads, dim).astype(dtype)
-  v = normal(batch, t, kv_heads, dim).astype(dtype)
-  return q, k, v, normal(batch, t, heads, dim)
 
 
 @jax.jit
@@ -324,12 +316,6 @@ def _branches_on_block_kind(eqn) -> bool:
         return True
     return False
   return nested(eqn.params["jaxpr"], False)
-
-
-def _export(fn, platform, *args):
-  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
-  return exported.mlir_module()
 
 
 @pytest.mark.parametrize("platform, block, marker, sizes, setting", [

@@ -18,6 +18,8 @@ from sparsejax._src.matmul import pallas_gpu
 from sparsejax._src.matmul import pallas_tpu
 from sparsejax._src.matmul import reference
 
+from kernel_testing import export_mlir as _export  # pylint: disable=g-multiple-import
+
 TOLERANCE = {jnp.float32: 2e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 
@@ -285,12 +287,6 @@ def test_bad_input():
   odd = from_dense(jnp.ones((48, 32)), np.ones((2, 2), bool))
   with pytest.raises(ValueError, match="the GPU kernel needs bk a power of 2 >= 16, got 24"):
     matmul(jnp.ones((8, 48)), odd, implementation="pallas_triton")
-
-
-def _export(fn, platform, *args):
-  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
-  return exported.mlir_module()
 
 
 @pytest.mark.parametrize("platform, marker", [("cuda", "__gpu$xla.gpu.triton"),

@@ -6,9 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from sparsejax._src import _checks
 from sparsejax._src.attention import layout as layout_lib
 from sparsejax._src.attention import mods as mods_lib
 from sparsejax._src.attention import pallas_gpu
@@ -58,13 +56,6 @@ def default_implementation(layout: layout_lib.Layout) -> str:
   if backend == "tpu" and layout.block_q % 128 == 0 and layout.block_kv % 128 == 0:
     return "pallas_tpu"
   return "xla"
-
-
-def _max_pairs(layout: layout_lib.Layout) -> int | None:
-  """The most active block pairs of any row of a concrete layout (a static bound)."""
-  if not _checks.is_concrete(layout.num_kv):
-    return None
-  return max(int(np.asarray(layout.num_kv).sum(-1).max()), 1)
 
 
 def _check_mods(q, score_mod, sinks):
@@ -146,7 +137,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: lay
   sinks = _check_mods(q, score_mod, sinks)
   q_ids, kv_ids = segments.check_ids(q_segment_ids, kv_segment_ids, q.shape[0], q.shape[1],
                                      k.shape[1])
-  max_pairs = _max_pairs(layout)
+  max_pairs = layout_lib.max_pairs(layout)
   if q_ids is not None:
     layout = segments.segment_layout(layout, q_ids, kv_ids)
   mods = mods_lib.Mods(score_mod, sinks, q_ids, kv_ids, max_pairs)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sparsejax._src import _checks
 from sparsejax._src.attention import masks as masks_lib
 
 IMPLEMENTATIONS = ("reference", "xla")
@@ -76,7 +77,7 @@ def _check(q, k_cache, v_cache, lengths, page_table, mask, num_splits):
         or not jnp.issubdtype(page_table.dtype, jnp.integer)):
       raise ValueError(f"page_table must be int[batch={batch}, pages_per_seq], got "
                        f"{page_table.dtype}{list(page_table.shape)}")
-    if not isinstance(page_table, jax.core.Tracer):
+    if _checks.is_concrete(page_table):
       bad = (page_table < 0) | (page_table >= k_cache.shape[0])
       if bool(jnp.any(bad)):
         raise ValueError(f"page_table holds pages outside the pool of {k_cache.shape[0]} "
@@ -85,7 +86,7 @@ def _check(q, k_cache, v_cache, lengths, page_table, mask, num_splits):
   if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be int[batch={batch}], got {lengths.dtype}"
                      f"{list(lengths.shape)}")
-  if not isinstance(lengths, jax.core.Tracer):
+  if _checks.is_concrete(lengths):
     if bool(jnp.any((lengths > capacity) | (lengths < 0))):
       raise ValueError(f"lengths must be in [0, {capacity}] (the cache's capacity), got "
                        f"{jnp.asarray(lengths).tolist()}")
@@ -94,7 +95,7 @@ def _check(q, k_cache, v_cache, lengths, page_table, mask, num_splits):
     if min(shape) < capacity:
       raise ValueError(f"mask has shape {shape}; it must cover the cache's capacity "
                        f"{capacity} in both dims")
-  if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1
+  if num_splits is not None and (not _checks.is_int(num_splits) or num_splits < 1
                                  or capacity % num_splits):
     raise ValueError(f"num_splits={num_splits!r} must be a positive int dividing the cache's "
                      f"capacity {capacity}")

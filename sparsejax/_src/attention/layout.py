@@ -260,6 +260,13 @@ def plot_layout(layout: Layout, path, *, heads=None, batch: int = 0):
   return path
 
 
+def max_pairs(layout: Layout) -> int | None:
+  """The most active block pairs of any row of a concrete layout (None if traced)."""
+  if not _checks.is_concrete(layout.num_kv):
+    return None
+  return max(int(np.asarray(layout.num_kv).sum(-1).max()), 1)
+
+
 def active_lists(active: jax.Array, partial_index: jax.Array, size: int):
   """Ascending indices of the active entries along the last axis (traceable).
 

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sparsejax._src.attention import block_lists
+
 ScoreMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -130,8 +132,6 @@ def const_grads(fn, consts, q, k, v, do, lse, delta, layout, sm_scale, q_segment
   Returns:
     a tuple like `consts` (zeros for integer consts are never used).
   """
-  # pylint: disable=g-import-not-at-top
-  from sparsejax._src.attention import block_lists
   batch, q_len, heads, dim = q.shape
   kv_len, group = k.shape[1], heads // k.shape[2]
   bq, bkv = layout.block_q, layout.block_kv

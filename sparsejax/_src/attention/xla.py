@@ -36,7 +36,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from sparsejax._src import _checks
 from sparsejax._src.attention import block_lists
@@ -50,8 +49,9 @@ _TRACED_CHUNKS = 16  # chunks of a traced layout's pairs, the ones past its coun
 def _num_pairs(layout: layout_lib.Layout, max_pairs: int | None) -> int:
   """The static length of the pair lists: exact if the layout is concrete, else a bound."""
   nq, max_kv = layout.kv_index.shape[1:]
-  if _checks.is_concrete(layout.num_kv):
-    return max(int(np.asarray(layout.num_kv).sum(-1).max()), 1)
+  exact = layout_lib.max_pairs(layout)
+  if exact is not None:
+    return exact
   if max_pairs is not None:
     return max(min(max_pairs, nq * max_kv), 1)
   return nq * max_kv
