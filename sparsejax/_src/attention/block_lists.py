@@ -44,8 +44,8 @@ def for_heads(layout: layout_lib.Layout, batch: int, *,
   return count, index, partial
 
 
-def kernel_masks(layout: layout_lib.Layout,
-                 batch: int) -> tuple[tuple[masks_lib.Mask, ...] | None, jax.Array | None]:
+def masks_for_heads(layout: layout_lib.Layout,
+                    batch: int) -> tuple[tuple[masks_lib.Mask, ...] | None, jax.Array | None]:
   """The masks a kernel evaluates for partial blocks, and which one each (batch, head) uses.
 
   Returns:

@@ -137,7 +137,7 @@ def _attend(q, k, v, visible, sm_scale):
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                      *, page_table: jax.Array | None = None,
                      mask: masks_lib.Mask | masks_lib.MultiHeadMask | None = None,
-                     implementation: str = "xla", num_splits: int | None = None,
+                     implementation: str | None = None, num_splits: int | None = None,
                      sm_scale: float | None = None, return_lse: bool = False):
   """Attention of the newest tokens of each sequence over its KV cache.
 
@@ -152,7 +152,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
       in order (None: a contiguous cache).
     mask: a `Mask` or `MultiHeadMask` over (query position, key position)
       that restricts attention further (a local window, S2 shards, ...).
-    implementation: "reference" (the whole cache at once) or "xla" (split-KV).
+    implementation: "reference" (the whole cache at once), "xla" (split-KV),
+      or None for the fastest available ("xla"; Pallas decode kernels are to
+      come).
     num_splits: partitions of the cache for "xla" (default: one per 512
       positions, at most 16), dividing its capacity.
     sm_scale: softmax scale, default ``1 / sqrt(head_dim)``.
@@ -167,6 +169,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     >>> out = sja.decode_attention(q, k_cache, v_cache, lengths,
     ...                            mask=sja.LocalMask((T, T), (1024, 0)))
   """
+  if implementation is None:
+    implementation = "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS}")

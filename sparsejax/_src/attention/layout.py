@@ -97,7 +97,7 @@ class Layout(NamedTuple):
     """
     return 1 - self.density()
 
-  def to_string(self, head: int = 0, batch: int = 0, max_blocks: int = 64) -> str:
+  def to_string(self, head: int = 0, *, batch: int = 0, max_blocks: int = 64) -> str:
     """A text picture of one head's blocks: '██' full, '░░' partial, '  ' empty.
 
     Rows are query blocks, columns key blocks. Past `max_blocks` per side a

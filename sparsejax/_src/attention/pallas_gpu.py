@@ -91,7 +91,7 @@ def _meta(layout: layout_lib.Layout, batch: int, transposed: bool,
           mask_id: jax.Array | None) -> tuple[jax.Array, int]:
   """Per (batch, head, block): [count, index..., partial..., mask id] padded to a power of 2.
 
-  The mask id (`block_lists.kernel_masks`) is there only if given.
+  The mask id (`block_lists.masks_for_heads`) is there only if given.
   """
   count, index, part = block_lists.for_heads(layout, batch, transposed=transposed)
   size = index.shape[-1]
@@ -150,7 +150,7 @@ class _KernelMods:
     segments: whether segment ids follow q, k, v among the inputs.
     sinks: whether the sink logits follow them.
     strict: refuse, at trace time, what the Triton lowering cannot do.
-    masks: the masks partial blocks evaluate (`block_lists.kernel_masks`),
+    masks: the masks partial blocks evaluate (`block_lists.masks_for_heads`),
       or None: the element-mask table follows the block lists instead.
   """
 
@@ -440,7 +440,7 @@ def _forward(q, k, v, layout, q_ids, kv_ids, sinks, consts, km, sm_scale, block_
   batch, q_len, heads, dim = q.shape
   kv_len, group = k.shape[1], heads // k.shape[2]
   bq, bkv = layout.block_q, layout.block_kv
-  mask_id = block_lists.kernel_masks(layout, batch)[1]
+  mask_id = block_lists.masks_for_heads(layout, batch)[1]
   meta, size = _meta(layout, batch, False, mask_id)
   table, table_specs = _table_input(layout, km)
   extra, extra_specs = _mod_inputs(km, q_ids, kv_ids, sinks, consts, bq, None)
@@ -476,7 +476,7 @@ def _backward(q, k, v, lse, delta, do, layout, q_ids, kv_ids, consts, km, sm_sca
   km = dataclasses.replace(km, sinks=False)  # the sinks are in lse
   table, table_specs = _table_input(layout, km)
   params = None if interpret else _compiler_params(dim, block_sizes)
-  mask_id = block_lists.kernel_masks(layout, batch)[1]
+  mask_id = block_lists.masks_for_heads(layout, batch)[1]
   meta, size = _meta(layout, batch, False, mask_id)
   kv_spec = pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // group, 0))
   row_spec = pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0))
@@ -544,7 +544,7 @@ def _fwd(q, k, v, layout, q_ids, kv_ids, sinks, consts, score_mod, sm_scale, blo
   if q.shape[0] == 0:  # an empty batch launches no programs
     return jnp.zeros_like(q), (q, k, v, layout, q_ids, kv_ids, sinks, consts, None, None)
   km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret,
-                   block_lists.kernel_masks(layout, q.shape[0])[0])
+                   block_lists.masks_for_heads(layout, q.shape[0])[0])
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)
   qp, kp, vp = (_pad_dim(x, padded) for x in (q, k, v))
@@ -562,7 +562,7 @@ def _bwd(score_mod, sm_scale, block_sizes, interpret, residuals, do):
             None if sinks is None else jnp.zeros_like(sinks),
             mods_lib.const_cotangents(consts, zeros))
   km = _KernelMods(score_mod, q_ids is not None, sinks is not None, not interpret,
-                   block_lists.kernel_masks(layout, q.shape[0])[0])
+                   block_lists.masks_for_heads(layout, q.shape[0])[0])
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   dim = q.shape[-1]
   padded = max(_next_pow2(dim), 16)

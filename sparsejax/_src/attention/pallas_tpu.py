@@ -213,7 +213,7 @@ class _KernelMods:
     segments: q ids [bq, 128] and kv ids [8, bkv] refs follow.
     sinks: a float32[heads] SMEM ref follows (forward only).
     score_mod: a `_ScoreMod` whose captured arrays' refs follow, or None.
-    masks: the masks partial blocks evaluate (`block_lists.kernel_masks`),
+    masks: the masks partial blocks evaluate (`block_lists.masks_for_heads`),
       with an int32[batch * heads] SMEM ref of mask ids first if there are
       several; or None: the partial block's element-mask ref comes first.
   """
@@ -391,7 +391,7 @@ def _extras(layout, batch, q_ids, kv_ids, sinks, consts, score_mod, at_partial, 
   """
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   arrays, specs = [], []
-  masks, mask_id = block_lists.kernel_masks(layout, batch)
+  masks, mask_id = block_lists.masks_for_heads(layout, batch)
   if masks is None:
     arrays.append(layout.partial.astype(jnp.int32))
     specs.append(pl.BlockSpec((None, layout.block_q, layout.block_kv), at_partial))
