@@ -13,6 +13,15 @@ from sparsejax._src.attention.api import IMPLEMENTATIONS as IMPLEMENTATIONS
 from sparsejax._src.attention.api import block_sparse_attention as block_sparse_attention
 from sparsejax._src.attention.decode import combine as combine
 from sparsejax._src.attention.decode import decode_attention as decode_attention
+from sparsejax._src.attention.estimate import estimate_vertical_slash as estimate_vertical_slash
+from sparsejax._src.attention.kv_cache import KVCache as KVCache
+from sparsejax._src.attention.kv_cache import append as append
+from sparsejax._src.attention.kv_cache import init_cache as init_cache
+from sparsejax._src.attention.kv_cache import kv_bytes as kv_bytes
+from sparsejax._src.attention.kv_cache import kv_needed as kv_needed
+from sparsejax._src.attention.kv_cache import page_recall as page_recall
+from sparsejax._src.attention.kv_cache import select_pages as select_pages
+from sparsejax._src.attention.estimate import layout_recall as layout_recall
 from sparsejax._src.attention.layout import Layout as Layout
 from sparsejax._src.attention.layout import dense_mask as dense_mask
 from sparsejax._src.attention.layout import make_layout as make_layout
@@ -38,6 +47,7 @@ __all__ = (
     "ChunkedCausalMask",
     "FullMask",
     "IMPLEMENTATIONS",
+    "KVCache",
     "Layout",
     "LocalMask",
     "Mask",
@@ -45,12 +55,20 @@ __all__ = (
     "NumpyMask",
     "StridedShardMask",
     "VerticalSlashMask",
+    "append",
     "block_sparse_attention",
     "combine",
     "decode_attention",
     "dense_mask",
+    "estimate_vertical_slash",
+    "init_cache",
+    "kv_bytes",
+    "kv_needed",
+    "layout_recall",
     "make_layout",
+    "page_recall",
     "plot_layout",
     "segment_layout",
+    "select_pages",
     "topk_layout",
 )

@@ -111,5 +111,5 @@ def test_bad_input():
     sja.decode_attention(q, k, v, n, num_splits=3)
   with pytest.raises(ValueError, match="it must cover the cache's capacity 64"):
     sja.decode_attention(q, k, v, n, mask=sja.CausalMask((32, 32)))
-  with pytest.raises(ValueError, match="unknown implementation 'pallas'"):
-    sja.decode_attention(q, k, v, n, implementation="pallas")
+  with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+    sja.decode_attention(q, k, v, n, implementation="cuda")

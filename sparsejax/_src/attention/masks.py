@@ -162,6 +162,8 @@ class Mask:
     if "_eval" in vars(cls) and not {"_any_all", "_intervals"} & vars(cls).keys():
       # A new element rule voids the block tables a subclass would inherit.
       cls._closed_form, cls._intervals, cls._any_all = False, Mask._intervals, Mask._any_all
+    if "_eval" in vars(cls) and "_needed" not in vars(cls):
+      cls._needed = Mask._needed  # and the keys it keeps for decoding
 
   def _eval(self, q, kv, xp):
     raise NotImplementedError
@@ -169,6 +171,11 @@ class Mask:
   def _intervals(self):
     """(lo, hi) int64[q_len]: row i sees exactly keys lo[i]..hi[i], both non-decreasing; or None."""
     return None
+
+  def _needed(self, position, kv, xp):
+    """Whether some query at `position` or later may read key `kv` (a superset is safe)."""
+    del position
+    return xp.ones(xp.shape(kv), bool)
 
   def _any_all(self, block_q, block_kv):
     intervals = self._intervals()
@@ -253,6 +260,10 @@ class LogicalAnd(Mask):
   def _eval(self, q, kv, xp):
     return self.left._eval(q, kv, xp) & self.right._eval(q, kv, xp)  # pylint: disable=protected-access
 
+  def _needed(self, position, kv, xp):
+    left, right = self.left._needed, self.right._needed  # pylint: disable=protected-access
+    return left(position, kv, xp) & right(position, kv, xp)
+
   def _intervals(self):
     a, b = self.left._intervals(), self.right._intervals()  # pylint: disable=protected-access
     if a is None or b is None:
@@ -282,6 +293,10 @@ class LogicalOr(Mask):
 
   def _eval(self, q, kv, xp):
     return self.left._eval(q, kv, xp) | self.right._eval(q, kv, xp)  # pylint: disable=protected-access
+
+  def _needed(self, position, kv, xp):
+    left, right = self.left._needed, self.right._needed  # pylint: disable=protected-access
+    return left(position, kv, xp) | right(position, kv, xp)
 
   def _any_all(self, block_q, block_kv):
     return _or_tables(self.left._any_all(block_q, block_kv),  # pylint: disable=protected-access
@@ -361,6 +376,10 @@ class LocalMask(Mask):
       out = out & (kv <= q + self.offset + right)
     return out
 
+  def _needed(self, position, kv, xp):
+    left = self.window[0]
+    return super()._needed(position, kv, xp) if left is None else kv >= position + self.offset - left
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedCausalMask(Mask):
@@ -383,6 +402,9 @@ class ChunkedCausalMask(Mask):
     i = np.arange(self.shape[0], dtype=np.int64)
     return i - i % self.chunk, i
 
+  def _needed(self, position, kv, xp):
+    return kv >= self.chunk * _floordiv(position, self.chunk, xp)
+
 
 @dataclasses.dataclass(frozen=True)
 class AShapeMask(Mask):
@@ -402,6 +424,9 @@ class AShapeMask(Mask):
 
   def _eval(self, q, kv, xp):
     return (kv <= q) & ((kv < self.sink) | (q - kv < self.window))
+
+  def _needed(self, position, kv, xp):
+    return (kv < self.sink) | (kv > position - self.window)
 
   def _any_all(self, block_q, block_kv):
     i = np.arange(self.shape[0], dtype=np.int64)
@@ -447,6 +472,9 @@ class StridedShardMask(Mask):
   def _eval(self, q, kv, xp):
     out = self._in_shard(kv, xp) | ((q - kv < self.local_window) & (kv - q < self.local_window))
     return out & (kv <= q) if self.causal else out
+
+  def _needed(self, position, kv, xp):
+    return self._in_shard(kv, xp) | (kv > position - self.local_window)
 
   def _any_all(self, block_q, block_kv):
     (q_len, kv_len), window = self.shape, self.local_window

@@ -1,0 +1,284 @@
+"""A paged KV cache for decoding: pages of one KV head each, page summaries, pruning by pattern.
+
+`KVCache` is a pytree of arrays, so it lives inside a jitted generation loop.
+Pages are taken from a pool as tokens arrive (`append`); a pattern that holds
+at decode time (a local window, an A-shape, S2 shards, chunks) lets `append`
+free the pages no future query can read and never write the keys none will
+(`kv_needed`), so the pool, and the bytes read per step, stay small.
+Per page the cache keeps the elementwise min and max of its keys, from which
+`select_pages` bounds ``q . k`` on the page and picks the most promising
+pages per step (Quest).
+
+Reference: Quest: Query-Aware Sparsity for Efficient Long-Context LLM
+Inference. Tang, Zhao, Zhu, Xiao, Kasikci, Han, 2024. arXiv:2406.10774.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax._src import _checks
+from sparsejax._src.attention import decode
+from sparsejax._src.attention import masks as masks_lib
+
+
+class KVCache(NamedTuple):
+  """A paged KV cache (a pytree of arrays).
+
+  Attributes:
+    k, v: [num_pages, page_size, head_dim]: the pool; a page holds one KV
+      head of `page_size` consecutive positions of one sequence.
+    page_table: int32[batch, kv_heads, pages_per_seq]: the pool page of each
+      page of each sequence and KV head, -1 where there is none (not yet
+      written, or dropped).
+    lengths: int32[batch]: tokens appended per sequence.
+    key_min, key_max: [num_pages, head_dim] float32: elementwise bounds of the
+      keys written to each page (for `select_pages`).
+    dropped: int32[batch]: tokens that found no free page and were not cached
+      (always 0 when the pool is large enough; check it when it is not).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  page_table: jax.Array
+  lengths: jax.Array
+  key_min: jax.Array
+  key_max: jax.Array
+  dropped: jax.Array
+
+  @property
+  def page_size(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def capacity(self) -> int:
+    return self.page_table.shape[2] * self.k.shape[1]
+
+
+def init_cache(batch: int, kv_heads: int, head_dim: int, *, page_size: int, max_len: int,
+               num_pages: int | None = None, dtype=jnp.float32) -> KVCache:
+  """An empty cache for `batch` sequences of up to `max_len` tokens.
+
+  Args:
+    batch, kv_heads, head_dim: the cache's shape.
+    page_size: positions per page; it divides `max_len`.
+    max_len: the capacity of each sequence.
+    num_pages: pages in the pool (default: ``batch * kv_heads * max_len /
+      page_size``, all a dense cache needs). A pattern that drops pages runs
+      in fewer; `kv_bytes` tells how many bytes are in use.
+    dtype: of the keys and values.
+
+  Example:
+    >>> cache = sja.init_cache(1, 2, 64, page_size=16, max_len=4096)
+    >>> cache = sja.append(cache, k_prompt, v_prompt)  # [1, prompt, 2, 64]
+  """
+  for name, value in [("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                      ("page_size", page_size), ("max_len", max_len)]:
+    _checks.static_int(name, value, minimum=0 if name == "batch" else 1)
+  if max_len % page_size:
+    raise ValueError(f"{page_size=} must divide {max_len=}")
+  pages_per_seq = max_len // page_size
+  num_pages = batch * kv_heads * pages_per_seq if num_pages is None else _checks.static_int(
+      "num_pages", num_pages, minimum=1)
+  pool = jnp.zeros((num_pages, page_size, head_dim), dtype)
+  return KVCache(pool, pool, jnp.full((batch, kv_heads, pages_per_seq), -1, jnp.int32),
+                 jnp.zeros((batch,), jnp.int32),
+                 jnp.full((num_pages, head_dim), jnp.inf, jnp.float32),
+                 jnp.full((num_pages, head_dim), -jnp.inf, jnp.float32),
+                 jnp.zeros((batch,), jnp.int32))
+
+
+def kv_needed(mask: masks_lib.Mask | masks_lib.MultiHeadMask, lengths: jax.Array,
+              positions: jax.Array, *, num_heads: int) -> jax.Array:
+  """Which keys a query at ``lengths[b]`` or later may still read under `mask`.
+
+  Exact for the patterns that hold at decode time and their ``&``/``|``:
+  `LocalMask` (keys within the window of the next query), `AShapeMask` (the
+  sinks and the window), `ChunkedCausalMask` (the current chunk),
+  `StridedShardMask` (the head's shard and its window). Other masks keep
+  every key (safe, and no saving).
+
+  Args:
+    mask: a `Mask` or a `MultiHeadMask` with `num_heads` heads.
+    lengths: int[batch]: the position of the next query per sequence.
+    positions: int[...]: key positions.
+    num_heads: heads of the model (query heads).
+
+  Returns:
+    bool[batch, num_heads, *positions.shape]; over all heads: ``.any(1)``.
+
+  Example:
+    >>> keep = sja.kv_needed(sja.AShapeMask((T, T), 4, 256), lengths,
+    ...                      jnp.arange(T), num_heads=8)
+  """
+  pos = jnp.asarray(positions, jnp.int32)
+  at = jnp.asarray(lengths, jnp.int32).reshape(-1, *(1,) * pos.ndim)
+  return _needed(mask, at, pos[None], num_heads)
+
+
+def _needed(mask, at, pos, num_heads):
+  """bool[batch, num_heads, ...] of `at` and `pos` broadcast, [batch, ...] both."""
+  return jnp.stack([m._needed(at, pos, jnp) & (pos < m.shape[1])  # pylint: disable=protected-access
+                    for m in masks_lib.as_head_masks(mask, num_heads)], axis=1)
+
+
+def _kv_head_needed(mask, at, pos, kv_heads):
+  """bool[batch, kv_heads, ...]: keys any query head of each KV head may read."""
+  heads = len(mask) if isinstance(mask, masks_lib.MultiHeadMask) else kv_heads
+  if heads % kv_heads:
+    raise ValueError(f"mask has {heads} heads; it must be a multiple of the cache's "
+                     f"kv_heads={kv_heads}")
+  need = _needed(mask, at, pos, heads)
+  return need.reshape(need.shape[0], kv_heads, heads // kv_heads, *need.shape[2:]).any(2)
+
+
+def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
+           mask: masks_lib.Mask | masks_lib.MultiHeadMask | None = None) -> KVCache:
+  """Appends `k`, `v` for the next tokens of every sequence.
+
+  With a `mask`, pages no query from the first new token on can read are
+  freed first, and new keys no such query reads are never written: the cache
+  then holds what decoding under `mask` needs (`kv_needed`), and decoding it
+  equals decoding the full cache under `mask`. Pages are taken from the free
+  pool in order; a token that finds none is not cached and counted in
+  `cache.dropped` (inside jit; outside, a `ValueError` says so).
+
+  Args:
+    cache: a `KVCache`.
+    k, v: [batch, new_tokens, kv_heads, head_dim].
+    mask: the pattern decoding will use (a `Mask` or `MultiHeadMask` with a
+      multiple of kv_heads heads, covering the capacity), or None.
+
+  Returns:
+    the cache with ``lengths + new_tokens`` tokens per sequence.
+  """
+  batch, kv_heads, n_pages = cache.page_table.shape
+  size, num_pages = cache.page_size, cache.k.shape[0]
+  if k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != (
+      kv_heads, cache.k.shape[2]):
+    raise ValueError(f"k and v must be [batch={batch}, new_tokens, kv_heads={kv_heads}, "
+                     f"head_dim={cache.k.shape[2]}], got {k.shape=}, {v.shape=}")
+  new = k.shape[1]
+  if _checks.is_concrete(cache.lengths) and bool(jnp.any(cache.lengths + new > cache.capacity)):
+    raise ValueError(f"appending {new} tokens overflows the capacity {cache.capacity} of "
+                     f"sequences with lengths {jnp.asarray(cache.lengths).tolist()}")
+  if mask is not None and min(masks_lib.as_head_masks(
+      mask, len(mask) if isinstance(mask, masks_lib.MultiHeadMask) else 1)[0].shape) < cache.capacity:
+    raise ValueError(f"mask must cover the cache's capacity {cache.capacity} in both dims")
+  start = cache.lengths
+  table = cache.page_table
+  pos = start[:, None] + jnp.arange(new, dtype=jnp.int32)[None]  # [batch, new]
+  write = jnp.broadcast_to((pos < cache.capacity)[:, None], (batch, kv_heads, new))
+  if mask is not None:
+    page_pos = jnp.arange(n_pages * size, dtype=jnp.int32).reshape(n_pages, size)
+    keep = _kv_head_needed(mask, start[:, None, None], page_pos[None], kv_heads).any(-1)
+    keep |= jnp.arange(n_pages)[None, None] >= (start // size)[:, None, None]  # the open page on
+    table = jnp.where(keep, table, -1)
+    write &= _kv_head_needed(mask, start[:, None], pos, kv_heads)
+  # Pages to allocate: those a written token falls in that have none.
+  page_of = jnp.minimum(pos // size, n_pages - 1)  # [batch, new]
+  hit = jnp.zeros((batch, kv_heads, n_pages), bool).at[
+      jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, :, None],
+      page_of[:, None, :]].max(write)
+  want = hit & (table < 0)
+  used = jnp.zeros((num_pages,), bool).at[jnp.where(table >= 0, table, num_pages)].set(
+      True, mode="drop")
+  most = batch * kv_heads * min(n_pages, new // size + 2)
+  free = jnp.nonzero(~used, size=most, fill_value=-1)[0]
+  rank = jnp.cumsum(want.reshape(-1)).reshape(want.shape) - 1
+  fresh = jnp.where(want, free[jnp.clip(rank, 0, most - 1)], -1)
+  table = jnp.where(want, fresh, table)
+  # Write the tokens and refresh the bounds of the pages they land in.
+  phys = jnp.take_along_axis(table, jnp.broadcast_to(page_of[:, None], write.shape), axis=2)
+  ok = write & (phys >= 0)
+  target = jnp.where(ok, phys, num_pages)  # out of range: dropped
+  slot = jnp.broadcast_to((pos % size)[:, None], write.shape)
+  kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [batch, kv_heads, new, d]
+  key_min = cache.key_min.at[jnp.where(want, fresh, num_pages)].set(jnp.inf, mode="drop")
+  key_max = cache.key_max.at[jnp.where(want, fresh, num_pages)].set(-jnp.inf, mode="drop")
+  kf = kt.astype(jnp.float32)
+  dropped = cache.dropped + jnp.sum(write & (phys < 0), axis=(1, 2))
+  if _checks.is_concrete(dropped) and bool(jnp.any(dropped > cache.dropped)):
+    raise ValueError(f"the pool of {num_pages} pages is full: no page for "
+                     f"{jnp.asarray(dropped - cache.dropped).tolist()} tokens (per sequence); "
+                     f"init_cache(num_pages=...) larger, or append with a mask that drops pages")
+  return KVCache(cache.k.at[target, slot].set(kt.astype(cache.k.dtype), mode="drop"),
+                 cache.v.at[target, slot].set(vt.astype(cache.v.dtype), mode="drop"),
+                 table, start + new,
+                 key_min.at[target].min(kf, mode="drop"), key_max.at[target].max(kf, mode="drop"),
+                 dropped)
+
+
+def kv_bytes(cache: KVCache) -> jax.Array:
+  """Bytes of keys and values in the pages the cache uses (pages in use x page bytes)."""
+  page = 2 * cache.k.shape[1] * cache.k.shape[2] * cache.k.dtype.itemsize
+  return jnp.sum(cache.page_table >= 0) * page
+
+
+def select_pages(q: jax.Array, cache: KVCache, *, num_pages: int) -> jax.Array:
+  """Quest page selection: per KV head, the `num_pages` pages with the largest bound on q.k.
+
+  On a page with key bounds ``m <= k <= M`` (elementwise), ``q . k <=
+  sum_d max(q_d m_d, q_d M_d)``; a KV head takes the largest bound over its
+  query heads and tokens. The page of the newest token is always chosen;
+  absent pages and pages past the length never are.
+
+  Args:
+    q: [batch, q_tokens, heads, head_dim], as for `decode_attention`.
+    cache: a `KVCache`.
+    num_pages: pages to choose per (sequence, KV head), at most pages_per_seq.
+
+  Returns:
+    int32[batch, kv_heads, num_pages]: page indices for `decode_attention`'s
+    `pages`, ascending, -1 where fewer pages exist.
+
+  Example:
+    >>> pages = sja.select_pages(q, cache, num_pages=64)
+    >>> out = sja.decode_attention(q, cache.k, cache.v, cache.lengths,
+    ...                            page_table=cache.page_table, pages=pages)
+  """
+  batch, kv_heads, n_pages = cache.page_table.shape
+  _checks.static_int("num_pages", num_pages, minimum=1)
+  if num_pages > n_pages:
+    raise ValueError(f"num_pages={num_pages} is more than the {n_pages} pages a sequence has")
+  if q.ndim != 4 or q.shape[0] != batch or q.shape[2] % kv_heads or q.shape[3] != cache.k.shape[2]:
+    raise ValueError(f"q must be [batch={batch}, q_tokens, heads (a multiple of {kv_heads}), "
+                     f"{cache.k.shape[2]}], got {q.shape}")
+  table = cache.page_table
+  lo = cache.key_min[jnp.maximum(table, 0)]  # [batch, kv_heads, pages, d]
+  hi = cache.key_max[jnp.maximum(table, 0)]
+  qg = q.reshape(batch, q.shape[1], kv_heads, -1, q.shape[3]).astype(jnp.float32)
+  bound = jnp.einsum("btkgd,bkpd->bkgtp", jnp.maximum(qg, 0), hi) + jnp.einsum(
+      "btkgd,bkpd->bkgtp", jnp.minimum(qg, 0), lo)
+  score = bound.max(axis=(2, 3))  # [batch, kv_heads, pages]
+  page = jnp.arange(n_pages)[None, None]
+  last = jnp.maximum(cache.lengths - 1, 0)[:, None, None] // cache.page_size
+  score = jnp.where(page == last, jnp.inf, score)
+  score = jnp.where((table >= 0) & (page * cache.page_size < cache.lengths[:, None, None]),
+                    score, -jnp.inf)
+  top_score, top = jax.lax.top_k(score, num_pages)
+  top = jnp.sort(jnp.where(top_score > -jnp.inf, top, n_pages), axis=-1)
+  return jnp.where(top < n_pages, top, -1).astype(jnp.int32)
+
+
+def page_recall(q: jax.Array, cache: KVCache, pages: jax.Array, *,
+                mask: masks_lib.Mask | masks_lib.MultiHeadMask | None = None,
+                sm_scale: float | None = None) -> jax.Array:
+  """The fraction of full attention's softmax mass that the chosen `pages` hold.
+
+  ``exp(lse(pages) - lse(all pages))`` from two `decode_attention` calls: 1
+  for every page, and 1 where no key is visible.
+
+  Returns:
+    float32[batch, heads, q_tokens].
+  """
+  args = (q, cache.k, cache.v, cache.lengths)
+  kw = dict(page_table=cache.page_table, mask=mask, sm_scale=sm_scale, return_lse=True)
+  _, full = decode.decode_attention(*args, **kw)
+  _, part = decode.decode_attention(*args, pages=pages, **kw)
+  return jnp.where(jnp.isfinite(full), jnp.exp(part - jnp.where(jnp.isfinite(full), full, 0.0)),
+                   1.0)
+
