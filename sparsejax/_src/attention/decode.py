@@ -25,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from sparsejax._src import _checks
 from sparsejax._src.attention import masks as masks_lib
@@ -86,10 +87,11 @@ def _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits):
                        f"got {k_cache.shape}")
     kv_heads = k_cache.shape[2] if page_table.ndim == 2 else page_table.shape[1]
     if _checks.is_concrete(page_table):
-      bad = (page_table < -1) | (page_table >= k_cache.shape[0])
-      if bool(jnp.any(bad)):
+      table = np.asarray(page_table)
+      bad = (table < -1) | (table >= k_cache.shape[0])
+      if bad.any():
         raise ValueError(f"page_table holds pages outside the pool of {k_cache.shape[0]} "
-                         f"pages (or -1): {jnp.asarray(page_table)[bad][:5].tolist()}")
+                         f"pages (or -1): {table[bad][:5].tolist()}")
     page_size = k_cache.shape[1]
     capacity = page_table.shape[-1] * page_size
   if k_cache.shape[-1] != dim or kv_heads < 1 or heads % kv_heads:
@@ -104,16 +106,17 @@ def _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits):
     if pages.shape[2] > page_table.shape[-1]:
       raise ValueError(f"pages selects {pages.shape[2]} pages of sequences that have "
                        f"{page_table.shape[-1]} (page_table's last dim)")
-    if _checks.is_concrete(pages) and bool(jnp.any((pages < -1) | (pages >= page_table.shape[-1]))):
+    chosen = np.asarray(pages) if _checks.is_concrete(pages) else None
+    if chosen is not None and ((chosen < -1) | (chosen >= page_table.shape[-1])).any():
       raise ValueError(f"pages must index page_table's last dim (0..{page_table.shape[-1] - 1}, "
-                       f"or -1 for none), got {jnp.asarray(pages).min()}..{jnp.asarray(pages).max()}")
+                       f"or -1 for none), got {chosen.min()}..{chosen.max()}")
   if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be int[batch={batch}], got {lengths.dtype}"
                      f"{list(lengths.shape)}")
   if _checks.is_concrete(lengths):
-    if bool(jnp.any((lengths > capacity) | (lengths < 0))):
+    if ((np.asarray(lengths) > capacity) | (np.asarray(lengths) < 0)).any():
       raise ValueError(f"lengths must be in [0, {capacity}] (the cache's capacity), got "
-                       f"{jnp.asarray(lengths).tolist()}")
+                       f"{np.asarray(lengths).tolist()}")
   if mask is not None:
     shape = masks_lib.as_head_masks(mask, heads)[0].shape
     if min(shape) < capacity:

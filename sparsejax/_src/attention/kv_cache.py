@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax._src import _checks
 from sparsejax._src.attention import decode
@@ -37,8 +38,9 @@ class KVCache(NamedTuple):
     lengths: int32[batch]: tokens appended per sequence.
     key_min, key_max: [num_pages, head_dim] float32: elementwise bounds of the
       keys written to each page (for `select_pages`).
-    dropped: int32[batch]: tokens that found no free page and were not cached
-      (always 0 when the pool is large enough; check it when it is not).
+    dropped: int32[batch]: tokens that found no free page for some KV head
+      and were not cached there (always 0 when the pool is large enough;
+      check it when it is not).
   """
 
   k: jax.Array
@@ -162,9 +164,9 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"k and v must be [batch={batch}, new_tokens, kv_heads={kv_heads}, "
                      f"head_dim={cache.k.shape[2]}], got {k.shape=}, {v.shape=}")
   new = k.shape[1]
-  if _checks.is_concrete(cache.lengths) and bool(jnp.any(cache.lengths + new > cache.capacity)):
+  if _checks.is_concrete(cache.lengths) and (np.asarray(cache.lengths) + new > cache.capacity).any():
     raise ValueError(f"appending {new} tokens overflows the capacity {cache.capacity} of "
-                     f"sequences with lengths {jnp.asarray(cache.lengths).tolist()}")
+                     f"sequences with lengths {np.asarray(cache.lengths).tolist()}")
   if mask is not None and min(masks_lib.as_head_masks(
       mask, len(mask) if isinstance(mask, masks_lib.MultiHeadMask) else 1)[0].shape) < cache.capacity:
     raise ValueError(f"mask must cover the cache's capacity {cache.capacity} in both dims")
@@ -200,8 +202,8 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
   key_min = cache.key_min.at[jnp.where(want, fresh, num_pages)].set(jnp.inf, mode="drop")
   key_max = cache.key_max.at[jnp.where(want, fresh, num_pages)].set(-jnp.inf, mode="drop")
   kf = kt.astype(jnp.float32)
-  dropped = cache.dropped + jnp.sum(write & (phys < 0), axis=(1, 2))
-  if _checks.is_concrete(dropped) and bool(jnp.any(dropped > cache.dropped)):
+  dropped = cache.dropped + jnp.sum((write & (phys < 0)).any(1), axis=1)
+  if _checks.is_concrete(dropped) and (np.asarray(dropped) > np.asarray(cache.dropped)).any():
     raise ValueError(f"the pool of {num_pages} pages is full: no page for "
                      f"{jnp.asarray(dropped - cache.dropped).tolist()} tokens (per sequence); "
                      f"init_cache(num_pages=...) larger, or append with a mask that drops pages")
