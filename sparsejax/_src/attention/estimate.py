@@ -71,7 +71,7 @@ def _slash_blocks(slash, q_len, kv_len, block_q, block_kv):
   d = jnp.concatenate([pad[..., :1], jnp.cumsum(window, axis=-1)], axis=-1)
   lo = (np.arange(0, q_len, block_q)[:, None] - np.arange(0, kv_len, block_kv)[None, :]
         + kv_len - 1)
-  return (d[..., lo + block_q - 1] - d[..., lo]) / block_q
+  return (d[..., lo + block_q] - d[..., lo]) / block_q
 
 
 def estimate_vertical_slash(q: jax.Array, k: jax.Array, *, block_q: int, block_kv: int,
@@ -81,16 +81,17 @@ def estimate_vertical_slash(q: jax.Array, k: jax.Array, *, block_q: int, block_k
   """A vertical-slash layout estimated inside jit from the last `last_q` queries.
 
   Per (batch, head): the softmax of the last `last_q` queries over all keys
-  (causal at their positions), summed per key column and per diagonal
-  ``q - kv``; the `num_vertical` heaviest columns and `num_slash` heaviest
-  diagonals are kept. Each key block then scores the chosen columns' mass it
-  holds plus, per query row, the chosen diagonals' mass crossing it, and each
-  query block keeps its `k_blocks` best key blocks; budget that no chosen
-  line needs goes to the first blocks (the attention sink first). With
-  ``causal=True`` only blocks on or below the diagonal compete and the
-  diagonal block (the local window) is always kept, masked causally; every
-  other block is full.
-  Shapes are static: a new prompt needs no recompile.
+  (causal at their positions: query i sees keys j <= i, as `CausalMask`),
+  summed per key column and per diagonal ``q - kv``; the `num_vertical`
+  heaviest columns and `num_slash` heaviest diagonals are kept. Each key
+  block then scores the chosen columns' mass it holds plus, per query row,
+  the chosen diagonals' mass crossing it, and each query block keeps its
+  `k_blocks` best key blocks; budget that no chosen line needs goes to the
+  first blocks (the attention sink first). With ``causal=True`` only blocks
+  on or below the diagonal compete and the diagonal block (the local
+  window) is always kept, masked causally; every other block is full.
+  Shapes are static, so a new prompt needs no recompile; memory is
+  O(last_q * kv_len + q_blocks * kv_blocks) per head.
 
   Args:
     q: [batch, q_len, heads, head_dim].
@@ -141,8 +142,9 @@ def estimate_vertical_slash(q: jax.Array, k: jax.Array, *, block_q: int, block_k
   if causal:
     scores = jnp.where(kb == qb, jnp.inf, jnp.where(kb < qb, scores, -jnp.inf))
   value, top = jax.lax.top_k(scores, k_blocks)
-  chosen = (top[..., None] == kb[..., None, :]) & (value[..., None] > -jnp.inf)
-  active = chosen.any(-2).reshape(batch * heads, nq, nk)
+  at = [x[..., None] for x in np.ogrid[:batch, :heads, :nq]] + [top]
+  active = jnp.zeros(scores.shape, bool).at[tuple(at)].set(value > -jnp.inf)
+  active = active.reshape(batch * heads, nq, nk)
   diagonal = causal & (kb == qb)
   pidx = np.broadcast_to(np.where(diagonal[0], 0, -1).astype(np.int32), active.shape)
   partial = np.tril(np.ones((block_q, block_kv), bool)) | (not causal)  # all True if unused
