@@ -20,6 +20,7 @@ from sparsejax._src.attention.kv_cache import init_cache as init_cache
 from sparsejax._src.attention.kv_cache import kv_bytes as kv_bytes
 from sparsejax._src.attention.kv_cache import kv_needed as kv_needed
 from sparsejax._src.attention.kv_cache import page_recall as page_recall
+from sparsejax._src.attention.kv_cache import present_pages as present_pages
 from sparsejax._src.attention.kv_cache import select_pages as select_pages
 from sparsejax._src.attention.estimate import layout_recall as layout_recall
 from sparsejax._src.attention.layout import Layout as Layout
@@ -68,6 +69,7 @@ __all__ = (
     "make_layout",
     "page_recall",
     "plot_layout",
+    "present_pages",
     "segment_layout",
     "select_pages",
     "topk_layout",

@@ -49,16 +49,19 @@ def test_pruned_cache_decodes_like_the_full_cache(name):
   @jax.jit
   def step(cache, t):
     cache = sja.append(cache, lax_slice(k, t), lax_slice(v, t), mask=mask)
-    got = sja.decode_attention(lax_slice(q, t), cache.k, cache.v, cache.lengths,
-                               page_table=cache.page_table, mask=mask)
-    return cache, (got, sja.kv_bytes(cache))
+    args = (lax_slice(q, t), cache.k, cache.v, cache.lengths)
+    got = sja.decode_attention(*args, page_table=cache.page_table, mask=mask)
+    only = sja.decode_attention(*args, page_table=cache.page_table, mask=mask,  # 8 of 16 pages
+                                pages=sja.present_pages(cache, num_pages=8))
+    return cache, (got, only, sja.kv_bytes(cache))
 
-  cache, (got, used) = jax.lax.scan(step, cache, jnp.arange(prompt, T))
+  cache, (got, only, used) = jax.lax.scan(step, cache, jnp.arange(prompt, T))
   want = jax.vmap(lambda t: sja.decode_attention(
       lax_slice(q, t), k, v, jnp.full((batch,), t + 1), mask=mask, implementation="reference"))(
           jnp.arange(prompt, T))
   assert float(jnp.abs(want).max()) > 0.1
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(only, want, atol=2e-5, rtol=2e-5)
   assert int(cache.dropped.sum()) == 0
   dense_bytes = 2 * batch * T * kv_heads * DIM * 4
   assert int(used.max()) <= pool * 2 * PAGE * DIM * 4 < dense_bytes
@@ -67,6 +70,21 @@ def test_pruned_cache_decodes_like_the_full_cache(name):
       mask) if isinstance(mask, sja.MultiHeadMask) else kv_heads)
   need = need.reshape(batch, kv_heads, -1, T // PAGE, PAGE).any((2, 4))
   np.testing.assert_array_equal(cache.page_table >= 0, need)
+
+
+def test_prefill_keeps_only_what_later_queries_read():
+  """A 100-token prompt appended with prefill=True fits a pool a tenth of dense."""
+  mask = PATTERNS["local"]
+  q, k, v = sequence(6)
+  cache = sja.init_cache(2, KV_HEADS, DIM, page_size=PAGE, max_len=T, num_pages=16)
+  cache = sja.append(cache, k[:, :100], v[:, :100], mask=mask, prefill=True)
+  assert int((cache.page_table >= 0).sum()) == 2 * KV_HEADS * 3  # keys 80..99
+  for t in (100, 101):
+    cache = sja.append(cache, k[:, t:t + 1], v[:, t:t + 1], mask=mask)
+    got = sja.decode_attention(q[:, t:t + 1], cache.k, cache.v, cache.lengths,
+                               page_table=cache.page_table, mask=mask)
+    want = sja.decode_attention(q[:, t:t + 1], k, v, jnp.full((2,), t + 1), mask=mask)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
 def lax_slice(x, t):

@@ -138,7 +138,8 @@ def _kv_head_needed(mask, at, pos, kv_heads):
 
 
 def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
-           mask: masks_lib.Mask | masks_lib.MultiHeadMask | None = None) -> KVCache:
+           mask: masks_lib.Mask | masks_lib.MultiHeadMask | None = None,
+           prefill: bool = False) -> KVCache:
   """Appends `k`, `v` for the next tokens of every sequence.
 
   With a `mask`, pages no query from the first new token on can read are
@@ -153,6 +154,9 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
     k, v: [batch, new_tokens, kv_heads, head_dim].
     mask: the pattern decoding will use (a `Mask` or `MultiHeadMask` with a
       multiple of kv_heads heads, covering the capacity), or None.
+    prefill: the new tokens' own queries are attended elsewhere (a prompt
+      run through `block_sparse_attention`): keep only what queries after
+      them read, so a long prompt never fills the pool.
 
   Returns:
     the cache with ``lengths + new_tokens`` tokens per sequence.
@@ -171,15 +175,16 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
       mask, len(mask) if isinstance(mask, masks_lib.MultiHeadMask) else 1)[0].shape) < cache.capacity:
     raise ValueError(f"mask must cover the cache's capacity {cache.capacity} in both dims")
   start = cache.lengths
+  at = start + new if prefill else start  # the first query decoding will ask
   table = cache.page_table
   pos = start[:, None] + jnp.arange(new, dtype=jnp.int32)[None]  # [batch, new]
   write = jnp.broadcast_to((pos < cache.capacity)[:, None], (batch, kv_heads, new))
   if mask is not None:
     page_pos = jnp.arange(n_pages * size, dtype=jnp.int32).reshape(n_pages, size)
-    keep = _kv_head_needed(mask, start[:, None, None], page_pos[None], kv_heads).any(-1)
-    keep |= jnp.arange(n_pages)[None, None] >= (start // size)[:, None, None]  # the open page on
+    keep = _kv_head_needed(mask, at[:, None, None], page_pos[None], kv_heads).any(-1)
+    keep |= jnp.arange(n_pages)[None, None] >= (at // size)[:, None, None]  # the open page on
     table = jnp.where(keep, table, -1)
-    write &= _kv_head_needed(mask, start[:, None], pos, kv_heads)
+    write &= _kv_head_needed(mask, at[:, None], pos, kv_heads)
   # Pages to allocate: those a written token falls in that have none.
   page_of = jnp.minimum(pos // size, n_pages - 1)  # [batch, new]
   hit = jnp.zeros((batch, kv_heads, n_pages), bool).at[
@@ -212,6 +217,38 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
                  table, start + new,
                  key_min.at[target].min(kf, mode="drop"), key_max.at[target].max(kf, mode="drop"),
                  dropped)
+
+
+def present_pages(cache: KVCache, *, num_pages: int) -> jax.Array:
+  """The pages a cache holds, per KV head: all of a pruned cache's, for `decode_attention`.
+
+  A cache pruned by a pattern keeps a bounded number of pages (a window's,
+  the sinks', a shard's); attending to those only reads nothing else.
+
+  Args:
+    cache: a `KVCache`.
+    num_pages: how many to return, at most pages_per_seq; where a KV head
+      holds more, its newest `num_pages` (then decoding is no longer exact).
+
+  Returns:
+    int32[batch, kv_heads, num_pages]: page indices, ascending, -1 padded.
+
+  Example:
+    >>> pages = sja.present_pages(cache, num_pages=4096 // 16 + 2)  # window 4096
+  """
+  n_pages = cache.page_table.shape[2]
+  _checks.static_int("num_pages", num_pages, minimum=1)
+  if num_pages > n_pages:
+    raise ValueError(f"num_pages={num_pages} is more than the {n_pages} pages a sequence has")
+  page = jnp.arange(n_pages, dtype=jnp.int32)
+  return _top_pages(jnp.where(cache.page_table >= 0, page, -jnp.inf), num_pages)
+
+
+def _top_pages(score, num_pages):
+  """int32[..., num_pages]: the pages of highest score, ascending; -1 for -inf ones."""
+  top_score, top = jax.lax.top_k(score, num_pages)
+  chosen = jnp.sort(jnp.where(top_score > -jnp.inf, top, score.shape[-1]), axis=-1)
+  return jnp.where(chosen < score.shape[-1], chosen, -1).astype(jnp.int32)
 
 
 def kv_bytes(cache: KVCache) -> jax.Array:
@@ -261,9 +298,7 @@ def select_pages(q: jax.Array, cache: KVCache, *, num_pages: int) -> jax.Array:
   score = jnp.where(page == last, jnp.inf, score)
   score = jnp.where((table >= 0) & (page * cache.page_size < cache.lengths[:, None, None]),
                     score, -jnp.inf)
-  top_score, top = jax.lax.top_k(score, num_pages)
-  top = jnp.sort(jnp.where(top_score > -jnp.inf, top, n_pages), axis=-1)
-  return jnp.where(top < n_pages, top, -1).astype(jnp.int32)
+  return _top_pages(score, num_pages)
 
 
 def page_recall(q: jax.Array, cache: KVCache, pages: jax.Array, *,
