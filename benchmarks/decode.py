@@ -43,6 +43,8 @@ _WINDOW = flags.DEFINE_integer("window", 2048, "Window of the local, A-shape and
 _SINK = flags.DEFINE_integer("sink", 64, "Sink tokens of the A-shape row.")
 _SHARDS = flags.DEFINE_integer("shards", 8, "Shards of the S2 row (one per KV head and shard).")
 _TOP = flags.DEFINE_integer("top", 8, "The top-pages row reads 1/top of the pages.")
+_IMPL = flags.DEFINE_string("implementation", None, "decode_attention's implementation for the "
+                            "cache rows (default: the fastest available; 'xla' on CPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds (median).")
 
 
@@ -65,9 +67,10 @@ def pruned(kind, kv_len):
 def main(argv):
   del argv
   page, heads, kv_heads, dim = _PAGE.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value
+  impl = _IMPL.value or ("xla" if jax.default_backend() == "cpu" else "pallas")
   print(f"{jax.default_backend()}, jax {jax.__version__}; heads {heads}, kv heads {kv_heads}, "
         f"head_dim {dim}, {_Q_TOKENS.value} new token(s), pages of {page}, float32, median of "
-        f"{_REPEATS.value} interleaved rounds\n")
+        f"{_REPEATS.value} interleaved rounds; cache rows: implementation={impl!r}\n")
   print(f"{'kv_len':>7} {'batch':>5}  {'row':<30} {'ms':>9} {'vs dense':>9} {'KV read':>8}"
         f"  note")
   rng = np.random.default_rng(0)
@@ -80,12 +83,13 @@ def main(argv):
       empty = sja.init_cache(batch, kv_heads, dim, page_size=page, max_len=kv_len)
       full = jax.jit(sja.append)(empty, k, v)
       rows = [("dense jax.nn", jax.jit(jax.nn.dot_product_attention), (q, k, v), 1.0, "")]
-      for impl in ("xla", "reference"):
-        rows.append((f"decode {impl}", jax.jit(lambda q, k, v, n, impl=impl: sja.decode_attention(
-            q, k, v, n, implementation=impl)), (q, k, v, lengths), 1.0, ""))
+      for name in dict.fromkeys((impl, "reference")):
+        rows.append((f"decode {name}", jax.jit(lambda q, k, v, n, name=name: sja.decode_attention(
+            q, k, v, n, implementation=name)), (q, k, v, lengths), 1.0, ""))
       paged = jax.jit(lambda q, c: sja.decode_attention(q, c.k, c.v, c.lengths,
-                                                        page_table=c.page_table))
-      rows.append(("decode xla, paged", paged, (q, full), 1.0, ""))
+                                                        page_table=c.page_table,
+                                                        implementation=impl))
+      rows.append(("decode, paged", paged, (q, full), 1.0, ""))
       for kind in ("local", "ashape", "s2"):
         name, mask, kept = pruned(kind, kv_len)
         small = sja.init_cache(batch, kv_heads, dim, page_size=page, max_len=kv_len,
@@ -95,13 +99,13 @@ def main(argv):
         assert int(cache.dropped.sum()) == 0
         fn = jax.jit(lambda q, c, mask=mask, kept=kept: sja.decode_attention(
             q, c.k, c.v, c.lengths, page_table=c.page_table, mask=mask,
-            pages=sja.present_pages(c, num_pages=kept)))
+            pages=sja.present_pages(c, num_pages=kept), implementation=impl))
         share = float(sja.kv_bytes(cache)) / float(sja.kv_bytes(full))
         rows.append((name, fn, (q, cache), share, ""))
       top = max(kv_len // page // _TOP.value, 1)
       quest = jax.jit(lambda q, c: sja.decode_attention(
           q, c.k, c.v, c.lengths, page_table=c.page_table,
-          pages=sja.select_pages(q, c, num_pages=top)))
+          pages=sja.select_pages(q, c, num_pages=top), implementation=impl))
       recall = sja.page_recall(q, full, sja.select_pages(q, full, num_pages=top))
       rows.append((f"top 1/{_TOP.value} pages (Quest)", quest, (q, full), top * page / kv_len,
                    f"recall {float(recall.mean()):.2f} (random keys)"))

@@ -2,7 +2,7 @@ r"""Where the compiled kernels stand on a GPU: their tests and both benchmarks, 
 
   PYTHONPATH=. python benchmarks/device_check.py --out DIR
 
-Runs four stages, each in its own process under a hard time limit (480 s in
+Runs five stages, each in its own process under a hard time limit (480 s in
 all by default), so one that crashes or overruns is recorded as such and the
 rest still run:
 
@@ -14,7 +14,9 @@ rest still run:
   3. attention: benchmarks/attention.py at GPU sizes, beside cuDNN dense
      attention and JAX's Pallas `mha`, with packed documents, soft-cap and
      sinks;
-  4. matmul: benchmarks/matmul.py at GPU sizes.
+  4. matmul: benchmarks/matmul.py at GPU sizes;
+  5. decode: benchmarks/decode.py (a decode step over KV caches, dense,
+     pruned by patterns and Quest-selected, beside jax.nn dense attention).
 
 After each stage it rewrites DIR/device_check.json (everything, raw) and
 DIR/device_check.md (a summary with the attention targets: the full layout's
@@ -39,10 +41,11 @@ import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("environment", "tests", "attention", "matmul")
+STAGES = ("environment", "tests", "attention", "matmul", "decode")
 # Each stage's time limit in seconds; a stage also gets what earlier ones left unused.
-LIMITS = {"environment": 45, "tests": 150, "attention": 195, "matmul": 90}
-TEST_FILES = ("tests/attention_test.py", "tests/attention_mods_test.py", "tests/matmul_test.py")
+LIMITS = {"environment": 45, "tests": 150, "attention": 165, "matmul": 60, "decode": 60}
+TEST_FILES = ("tests/attention_test.py", "tests/attention_mods_test.py", "tests/matmul_test.py",
+              "tests/attention_decode_pallas_test.py")
 TEST_SELECTION = "TestPallasTriton and not Interpret"  # the compiled Triton classes
 # Benchmark flags: "gpu" sized to finish within LIMITS on an H100/H200 class GPU,
 # "tiny" to run the whole script on a CPU in seconds.
@@ -53,12 +56,15 @@ SIZES = {
                       "--impls=pallas_triton", "--mod_seqs=8192", "--mod_head_dims=128",
                       "--doc_lens=1024,4096", "--repeats=5"],
         "matmul": ["--sizes=1024,4096", "--densities=1,0.25,0.125", "--repeats=5"],
+        "decode": ["--kv_lens=16384,131072", "--batches=1,8", "--repeats=5"],
     },
     "tiny": {
         "attention": ["--seqs=256", "--head_dims=32", "--heads=2", "--patterns=full,causal",
                       "--mod_seqs=256", "--mod_head_dims=32", "--doc_lens=64",
                       "--mods=packed", "--repeats=1"],
         "matmul": ["--sizes=256", "--densities=1,0.5", "--repeats=1"],
+        "decode": ["--kv_lens=1024", "--batches=1", "--heads=4", "--head_dim=32",
+                   "--window=256", "--repeats=1"],
     },
 }
 FULL_VS_DENSE, SPARSE_VS_FULL = 1.5, 1.15  # the GPU targets
@@ -187,6 +193,24 @@ def parse_matmul(text):
   return {"rows": rows}
 
 
+def parse_decode(text):
+  """Rows of decode.py's table (it prints text only)."""
+  rows = []
+  for line in text.splitlines():
+    m = re.match(r"\s*(\d+)\s+(\d+)  (.{30}) +([\d.]+) +([\d.]+)x +([\d.]+)  ?(.*)$", line)
+    if m:
+      rows.append({"kv_len": int(m.group(1)), "batch": int(m.group(2)),
+                   "row": m.group(3).strip(), "ms": float(m.group(4)),
+                   "vs_dense": float(m.group(5)), "kv_read": float(m.group(6)),
+                   "note": m.group(7).strip()})
+    m = re.match(r"\s*(\d+)\s+(\d+)  (.{30}) +n/a  (.*)$", line)
+    if m:
+      rows.append({"kv_len": int(m.group(1)), "batch": int(m.group(2)),
+                   "row": m.group(3).strip(), "ms": None, "vs_dense": None, "kv_read": None,
+                   "note": m.group(4).strip()})
+  return {"rows": rows}
+
+
 def attention_targets(rows):
   """The GPU targets from attention.py's rows: full ÷ cuDNN dense, sparse ÷ (density x full)."""
   full_vs_dense, sparse_vs_full = [], []
@@ -291,6 +315,17 @@ def markdown(report):
     lines += [f"| {r['size']} | {r['density']:.4f} | {r['impl']} | {r['fwd_ms']:.2f} | "
               f"{r['fwd_ratio']:.3f}x | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio']:.3f}x |"
               for r in matmul["rows"]]
+  decode = report["stages"].get("decode", {}).get("result")
+  if decode and decode["rows"]:
+    lines += ["", "## Decode", "", "One decode step ÷ `jax.nn.dot_product_attention` over the full "
+              "cache; KV read: the share of the cache's bytes a row reads.", "",
+              "| kv_len | batch | row | ms | vs dense | KV read | note |",
+              "| ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['kv_len']} | {r['batch']} | {r['row']} | "
+              f"{'n/a' if r['ms'] is None else r['ms']} | "
+              f"{'' if r['vs_dense'] is None else _x(r['vs_dense'])} | "
+              f"{'' if r['kv_read'] is None else r['kv_read']} | {r['note'][:120]} |"
+              for r in decode["rows"]]
   return "\n".join(lines) + "\n"
 
 
@@ -350,11 +385,12 @@ def parse_args(argv=None):
   parser.add_argument("--force", action="store_true",
                       help="without a GPU, run the stages anyway at tiny sizes")
   parser.add_argument("--budget", type=int, default=480, help="seconds for all stages together")
-  parser.add_argument("--stages", default="tests,attention,matmul",
+  parser.add_argument("--stages", default="tests,attention,matmul,decode",
                       help="stages to run after the environment, comma-separated")
   parser.add_argument("--attention_flags", default="",
                       help="extra flags for attention.py (after the defaults: they override)")
   parser.add_argument("--matmul_flags", default="", help="extra flags for matmul.py")
+  parser.add_argument("--decode_flags", default="", help="extra flags for decode.py")
   args = parser.parse_args(argv)
   unknown = set(args.stages.split(",")) - set(STAGES[1:])
   if unknown:
@@ -438,6 +474,9 @@ def main(argv=None):
   if "matmul" in todo:
     stage("matmul", [sys.executable, os.path.join(ROOT, "benchmarks", "matmul.py"),
                      *SIZES[sizes]["matmul"], *args.matmul_flags.split()], parse_matmul)
+  if "decode" in todo:
+    stage("decode", [sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"),
+                     *SIZES[sizes]["decode"], *args.decode_flags.split()], parse_decode)
   write(report, out)
   bad = [n for n, s in report["stages"].items() if s["status"] != "ok"]
   print(f"device_check: wrote {out}/device_check.md and device_check.json"

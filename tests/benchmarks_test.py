@@ -49,7 +49,11 @@ def test_forced_run_records_every_stage(tmp_path):
   assert attention["targets"]["full_vs_dense"] and attention["targets"]["sparse_vs_full"]
   assert {r["group"] for r in attention["mods"]} == {"causal", "docs 64"}
   assert {r["density"] for r in stages["matmul"]["result"]["rows"]} == {1.0, 0.5}
-  for heading in ("## Compiled-kernel tests", "## Attention", "## Matmul", "docs 64, ids"):
+  decode = {r["row"]: r for r in stages["decode"]["result"]["rows"]}
+  assert len(decode) == 8 and decode["dense jax.nn"]["vs_dense"] == 1.0, decode
+  assert all(r["ms"] for r in decode.values()) and decode["top 1/8 pages (Quest)"]["kv_read"] < 0.2
+  for heading in ("## Compiled-kernel tests", "## Attention", "## Matmul", "## Decode",
+                  "docs 64, ids"):
     assert heading in md
 
 
