@@ -94,3 +94,14 @@ def test_attention_mods_section_runs(monkeypatch):
   want = jax.grad(scope["loss"], argnums=(0, 1))(scope["bias"], np.zeros(4, np.float32))
   np.testing.assert_allclose(d_bias, want[0], rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(d_sinks, want[1], rtol=2e-4, atol=2e-4)
+
+
+def test_serving_block_runs(capsys):
+  readme = (ROOT / "README.md").read_text()
+  code = re.search(r"```python\n(.*?)```", readme.split("<!-- serving")[1], re.S).group(1)
+  scope = {}
+  exec(compile(code, "README serving", "exec"), scope)  # pylint: disable=exec-used
+  kept, recall = (float(x) for x in capsys.readouterr().out.split())
+  assert 0 < kept < 0.2 and 0 < recall <= 1
+  cache = scope["cache"]
+  assert int(cache.dropped.sum()) == 0 and int((cache.page_table >= 0).sum(-1).max()) <= 12

@@ -20,6 +20,7 @@ public so partial results from devices can be merged the same way);
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -62,7 +63,7 @@ _SCORES_PER_SPLIT = 1 << 24  # "xla" splits the cache when the scores would be l
 
 
 def _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits):
-  """Validates the arguments; returns (capacity, page_size or None)."""
+  """Validates the arguments of `decode_attention`."""
   if q.ndim != 4 or k_cache.shape != v_cache.shape:
     raise ValueError(f"q must be [batch, q_tokens, heads, head_dim] and k_cache, v_cache of one "
                      f"shape, got {q.shape=}, {k_cache.shape=}, {v_cache.shape=}")
@@ -129,7 +130,6 @@ def _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits):
                                  or blocks % num_splits):
     raise ValueError(f"num_splits={num_splits!r} must be a positive int dividing the cache's "
                      f"{unit} {blocks}")
-  return capacity, page_size
 
 
 def paged_view(k_cache, page_table, pages):
@@ -277,10 +277,24 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS}")
-  capacity, page_size = _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits)
-  batch, q_tokens, heads, dim = q.shape
-  sm_scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
-  lengths = jnp.asarray(lengths, jnp.int32)
+  _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits)
+  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+  out, lse = _decode(q, k_cache, v_cache, jnp.asarray(lengths, jnp.int32), page_table, pages,
+                     mask=mask, implementation=implementation, num_splits=num_splits,
+                     sm_scale=sm_scale, interpret=interpret)
+  return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "implementation", "num_splits", "sm_scale",
+                                             "interpret"))
+def _decode(q, k_cache, v_cache, lengths, page_table, pages, *, mask, implementation, num_splits,
+            sm_scale, interpret):
+  """`decode_attention` after its checks, jitted (one compile per shape, eager calls too)."""
+  batch, q_tokens, heads, _ = q.shape
+  capacity = (k_cache.shape[1] if page_table is None
+              else page_table.shape[-1] * k_cache.shape[1])
+  page_size = None if page_table is None else k_cache.shape[1]
   kv_heads = k_cache.shape[2] if page_table is None or page_table.ndim == 2 else page_table.shape[1]
   visible = lambda kv_pos: _visible(mask, heads, kv_heads, lengths, q_tokens, kv_pos)  # noqa: E731
   if implementation.startswith("pallas"):
@@ -295,9 +309,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     out, lse = decode_pallas.decode(
         q, k_pool, v_pool, phys, logical, head, lengths, mask=mask, sm_scale=sm_scale,
         num_splits=num_splits, backend=implementation.removeprefix("pallas_"),
-        interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
-    out = out.astype(q.dtype)
-    return (out, lse) if return_lse else out
+        interpret=interpret)
+    return out.astype(q.dtype), lse
   if page_table is None:
     blocks, block = capacity, 1
   else:
@@ -325,5 +338,4 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
       return _attend(q, k, v, visible(kv_pos), sm_scale, kv_axis=2)
 
   out, lse = _split_map(part, num_splits)
-  out = out.astype(q.dtype)
-  return (out, lse) if return_lse else out
+  return out.astype(q.dtype), lse

@@ -15,6 +15,7 @@ Inference. Tang, Zhao, Zhu, Xiao, Kasikci, Han, 2024. arXiv:2406.10774.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -161,19 +162,33 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
   Returns:
     the cache with ``lengths + new_tokens`` tokens per sequence.
   """
-  batch, kv_heads, n_pages = cache.page_table.shape
-  size, num_pages = cache.page_size, cache.k.shape[0]
+  batch, kv_heads, _ = cache.page_table.shape
   if k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != (
       kv_heads, cache.k.shape[2]):
     raise ValueError(f"k and v must be [batch={batch}, new_tokens, kv_heads={kv_heads}, "
                      f"head_dim={cache.k.shape[2]}], got {k.shape=}, {v.shape=}")
   new = k.shape[1]
+  dropped = np.asarray(cache.dropped) if _checks.is_concrete(cache.dropped) else None
   if _checks.is_concrete(cache.lengths) and (np.asarray(cache.lengths) + new > cache.capacity).any():
     raise ValueError(f"appending {new} tokens overflows the capacity {cache.capacity} of "
                      f"sequences with lengths {np.asarray(cache.lengths).tolist()}")
-  if mask is not None and min(masks_lib.as_head_masks(
-      mask, len(mask) if isinstance(mask, masks_lib.MultiHeadMask) else 1)[0].shape) < cache.capacity:
+  if mask is not None and not isinstance(mask, (masks_lib.Mask, masks_lib.MultiHeadMask)):
+    raise ValueError(f"mask must be a sja.Mask or sja.MultiHeadMask, got {type(mask).__name__}")
+  if mask is not None and min(mask.shape) < cache.capacity:
     raise ValueError(f"mask must cover the cache's capacity {cache.capacity} in both dims")
+  cache = _append(cache, k, v, mask=mask, prefill=bool(prefill))
+  if _checks.is_concrete(cache.dropped) and (np.asarray(cache.dropped) > np.asarray(dropped)).any():
+    raise ValueError(f"the pool of {cache.k.shape[0]} pages is full: no page for "
+                     f"{(np.asarray(cache.dropped) - dropped).tolist()} tokens (per sequence); "
+                     f"init_cache(num_pages=...) larger, or append with a mask that drops pages")
+  return cache
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "prefill"))
+def _append(cache, k, v, *, mask, prefill):
+  """`append` after its checks, jitted."""
+  batch, kv_heads, n_pages = cache.page_table.shape
+  size, num_pages, new = cache.page_size, cache.k.shape[0], k.shape[1]
   start = cache.lengths
   at = start + new if prefill else start  # the first query decoding will ask
   table = cache.page_table
@@ -208,10 +223,6 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
   key_max = cache.key_max.at[jnp.where(want, fresh, num_pages)].set(-jnp.inf, mode="drop")
   kf = kt.astype(jnp.float32)
   dropped = cache.dropped + jnp.sum((write & (phys < 0)).any(1), axis=1)
-  if _checks.is_concrete(dropped) and (np.asarray(dropped) > np.asarray(cache.dropped)).any():
-    raise ValueError(f"the pool of {num_pages} pages is full: no page for "
-                     f"{jnp.asarray(dropped - cache.dropped).tolist()} tokens (per sequence); "
-                     f"init_cache(num_pages=...) larger, or append with a mask that drops pages")
   return KVCache(cache.k.at[target, slot].set(kt.astype(cache.k.dtype), mode="drop"),
                  cache.v.at[target, slot].set(vt.astype(cache.v.dtype), mode="drop"),
                  table, start + new,
@@ -219,6 +230,7 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
                  dropped)
 
 
+@functools.partial(jax.jit, static_argnames="num_pages")  # its checks are on shapes
 def present_pages(cache: KVCache, *, num_pages: int) -> jax.Array:
   """The pages a cache holds, per KV head: all of a pruned cache's, for `decode_attention`.
 
@@ -257,6 +269,7 @@ def kv_bytes(cache: KVCache) -> jax.Array:
   return jnp.sum(cache.page_table >= 0) * page
 
 
+@functools.partial(jax.jit, static_argnames="num_pages")
 def select_pages(q: jax.Array, cache: KVCache, *, num_pages: int) -> jax.Array:
   """Quest page selection: per KV head, the `num_pages` pages with the largest bound on q.k.
 
