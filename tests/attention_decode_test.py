@@ -1,5 +1,7 @@
 """Decode attention over a KV cache: split-KV against the reference and the prefill path."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,19 @@ def test_bad_input():
     sja.decode_attention(q, k, v, n, mask=sja.CausalMask((32, 32)))
   with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
     sja.decode_attention(q, k, v, n, implementation="cuda")
+
+
+@pytest.mark.parametrize("dim,mask,want", [(16, None, "pallas_triton"),
+                                           (24, None, "xla"),  # not a Triton tile
+                                           (16, "table", "xla")])  # a table mask
+def test_default_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch, dim, mask, want):
+  """On a GPU the default is the Triton kernel, unless it cannot tile the cache or the mask."""
+  from sparsejax._src.attention import decode  # pylint: disable=g-import-not-at-top
+  q, k, v = (x[..., :dim] if dim <= DIM else jnp.concatenate([x, x[..., :dim - DIM]], -1)
+             for x in cache(5))
+  if mask == "table":
+    mask = sja.NumpyMask(np.tril(np.ones((T, T), bool)))
+  monkeypatch.setattr(decode.jax, "default_backend", lambda: "gpu")
+  call = functools.partial(decode._decode, q, k, v, jnp.full((3,), T), None, None, mask=mask,  # pylint: disable=protected-access
+                           num_splits=None, sm_scale=1.0, interpret=True)
+  assert decode._default_implementation(call) == want  # pylint: disable=protected-access

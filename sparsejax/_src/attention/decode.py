@@ -248,8 +248,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     implementation: "reference" (the whole cache at once), "xla" (split-KV
       in jnp), "pallas" (the Pallas kernel of the default backend:
       "pallas_triton" on GPU and in interpret mode on CPU, "pallas_tpu" on
-      TPU), or None for the fastest available: Pallas on GPU and TPU, "xla"
-      elsewhere.
+      TPU), or None for the fastest available: the Pallas kernel on GPU and
+      TPU where it tiles the cache and the mask (table masks, head_dim not
+      a power of 2 on GPU fall back), "xla" elsewhere.
     num_splits: partitions of the cache attended in parallel and merged,
       dividing the cache's capacity (or the number of pages attended, for a
       paged cache). Default for "xla": one, or as many as keep each
@@ -270,20 +271,33 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     >>> out = sja.decode_attention(q, cache.k, cache.v, cache.lengths,
     ...                            page_table=cache.page_table, pages=pages)
   """
-  if implementation is None:
-    implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
-  if implementation == "pallas":
-    implementation = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_triton"
-  if implementation not in IMPLEMENTATIONS:
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation {implementation!r}; expected one of "
-                     f"{IMPLEMENTATIONS}")
+                     f"{IMPLEMENTATIONS} or None")
   _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits)
   sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
-  out, lse = _decode(q, k_cache, v_cache, jnp.asarray(lengths, jnp.int32), page_table, pages,
-                     mask=mask, implementation=implementation, num_splits=num_splits,
-                     sm_scale=sm_scale, interpret=interpret)
+  call = functools.partial(_decode, q, k_cache, v_cache, jnp.asarray(lengths, jnp.int32),
+                           page_table, pages, mask=mask, num_splits=num_splits,
+                           sm_scale=sm_scale, interpret=interpret)
+  if implementation is None:
+    implementation = _default_implementation(call)
+  if implementation == "pallas":
+    implementation = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_triton"
+  out, lse = call(implementation=implementation)
   return (out, lse) if return_lse else out
+
+
+def _default_implementation(call) -> str:
+  """The Pallas kernel on GPU and TPU where it tiles the cache and the mask, else "xla"."""
+  if jax.default_backend() == "cpu":
+    return "xla"
+  kernel = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_triton"
+  try:  # the kernels check their tiles and masks while tracing
+    jax.eval_shape(functools.partial(call, implementation=kernel))
+  except ValueError:
+    return "xla"
+  return kernel
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "implementation", "num_splits", "sm_scale",
@@ -303,7 +317,7 @@ def _decode(q, k_cache, v_cache, lengths, page_table, pages, *, mask, implementa
       size = math.gcd(capacity, KERNEL_PAGE)
       k_cache = k_cache.reshape(batch * capacity // size, size, *k_cache.shape[2:])
       v_cache = v_cache.reshape(k_cache.shape)
-      page_table = jnp.arange(k_cache.shape[0], dtype=jnp.int32).reshape(batch, -1)
+      page_table = jnp.arange(k_cache.shape[0], dtype=jnp.int32).reshape(batch, capacity // size)
     k_pool, phys, logical, head = paged_view(k_cache, page_table, pages)
     v_pool = paged_view(v_cache, page_table, None)[0]
     out, lse = decode_pallas.decode(
