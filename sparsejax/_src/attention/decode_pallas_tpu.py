@@ -24,19 +24,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-import numpy as np
 
 from sparsejax._src import _checks
 from sparsejax._src import pallas_common
 from sparsejax._src.attention import decode_pallas_pages as pages
 
-_NEG = -0.7 * float(np.finfo(np.float32).max)
-_LANES = 128
-_SUBLANES = 8
-
-
-def _dot(a, b, dims):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+_NEG = pallas_common.NEG
+_LANES = pallas_common.LANES
+_SUBLANES = pallas_common.SUBLANES
+_dot = pallas_common.dot
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,11 +39,8 @@ from sparsejax._src.attention import layout as layout_lib
 from sparsejax._src.attention import masks as masks_lib
 from sparsejax._src.attention import mods as mods_lib
 
-_NEG = -0.7 * float(np.finfo(np.float32).max)
-
-
-def _dot(a, b, dims):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+_NEG = pallas_common.NEG
+_dot = pallas_common.dot
 
 
 @dataclasses.dataclass(frozen=True)
