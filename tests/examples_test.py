@@ -174,3 +174,29 @@ def test_prune_lm_prints_every_rule_and_recovers(tmp_path):
   again = run_example("prune_lm.py", *flags, "--settings=50%", "--rules=magnitude",
                       cwd=tmp_path)  # the checkpoint skips training
   assert "restored the dense model" in again and "| 50% | magnitude |" in again
+
+
+def test_generate_lm_decodes_every_pattern(tmp_path):
+  out = run_example("generate_lm.py", "--steps=20", "--dim=32", "--heads=2", "--layers=1",
+                    "--seq=32", "--batch=4", "--eval_batches=1", "--page_size=8", "--window=8",
+                    "--sink=2", "--shards=2", "--pages=2", "--prompt=8", "--gen_batch=2",
+                    "--timed_runs=1", f"--checkpoint={tmp_path / 'ckpt'}",
+                    f"--plot_path={tmp_path / 'loss_kv.png'}", cwd=tmp_path)
+  # Dense decoding with the cache reproduces the model's full-sequence loss.
+  line = next(l for l in out.splitlines() if l.startswith("dense decode:"))
+  decoded = float(line.split("teacher-forced val loss ")[1].split(",")[0])
+  full = float(line.split("full-sequence ")[1].split()[0])
+  assert abs(decoded - full) < 1e-4, line
+  cells = [l.strip("| ").split(" | ") for l in out.splitlines() if l.startswith("| ")]
+  rows = {c[0]: c for c in cells[2:]}
+  assert list(rows) == ["dense", "local", "ashape", "s2", "topk_pages"], out
+  assert float(rows["dense"][1]) == round(decoded, 4)
+  for name, row in rows.items():
+    assert 0 < float(row[1]) < 6 and float(row[7]) > 0, row  # loss in nats/byte; tokens/s
+  # Pruned caches hold less than dense (32 bytes: 4 pages of 8 per head).
+  dense_kv = float(rows["dense"][3])
+  for name in ("local", "ashape", "s2"):
+    assert float(rows[name][3]) < dense_kv and float(rows[name][4]) < 1, rows[name]
+  assert rows["topk_pages"][3] == rows["dense"][3] and rows["topk_pages"][5] == "2"
+  assert 0 < float(rows["topk_pages"][6]) <= 1  # page recall
+  assert (tmp_path / "loss_kv.png").stat().st_size > 1000
