@@ -120,14 +120,6 @@ def empty_caches(pattern, batch):
           for _ in range(train_lm._LAYERS.value)]  # pylint: disable=protected-access
 
 
-def held_pages(cache, count):
-  """int32[batch, kv_heads, count]: the pages the cache holds, ascending, -1 past them."""
-  n = cache.page_table.shape[-1]
-  index = jnp.where(cache.page_table >= 0, jnp.arange(n, dtype=jnp.int32), n)
-  index = jnp.sort(index, axis=-1)[..., :count]
-  return jnp.where(index < n, index, -1)
-
-
 def decode_step(model, pattern, caches, tokens, position):
   """Feeds `tokens` [batch] at `position` through the model's own layers.
 
@@ -147,7 +139,7 @@ def decode_step(model, pattern, caches, tokens, position):
       pages = sja.select_pages(q, cache, num_pages=pattern.pages)
       recalls.append(jnp.mean(sja.page_recall(q, cache, pages)))
     elif pattern.mask is not None:  # read only the pages the pruned cache holds
-      pages = held_pages(cache, pattern.pages)
+      pages = sja.present_pages(cache, num_pages=pattern.pages)
     o = sja.decode_attention(q, cache.k, cache.v, cache.lengths, page_table=cache.page_table,
                              mask=pattern.mask, pages=pages)
     x = x + block.attention.out(o.reshape(batch, 1, dim))
@@ -245,11 +237,9 @@ def main(argv):
     raise app.UsageError("--documents is not supported: decoding here attends across documents")
   if not 0 < _PROMPT.value < _SEQ.value:
     raise app.UsageError(f"--prompt={_PROMPT.value} must be in (0, --seq={_SEQ.value})")
-  # The split and the validation windows of train_lm and prune_lm (the checkpoint's).
   data = train_lm.load_corpus(train_lm._TEXT_FILE.value)  # pylint: disable=protected-access
-  train_data, val_data = np.split(data, [int(0.9 * len(data))])
-  count = train_lm._EVAL_BATCHES.value  # pylint: disable=protected-access
-  x, y = map(np.concatenate, zip(*train_lm.batches(val_data, np.random.default_rng(12345), count)))
+  train_data, val_data, val_batches = train_lm.split_corpus(data)  # the checkpoint's split
+  x, y = map(np.concatenate, zip(*val_batches))
   model = prune_lm.trained_model(train_data)
   full = float(train_lm.eval_loss(model, x, y))  # all validation batches at once
   print(f"dense model: full-sequence val loss {full:.4f} nats/byte over {len(x)} sequences of "

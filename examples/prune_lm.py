@@ -139,10 +139,7 @@ def main(argv):
     if not values or any(v not in allowed for v in values):
       raise app.UsageError(f"--{name} takes a list of {tuple(allowed)}, got {values}")
   data = train_lm.load_corpus(train_lm._TEXT_FILE.value)  # pylint: disable=protected-access
-  split = int(0.9 * len(data))
-  train_data, val_data = data[:split], data[split:]
-  val_batches = list(train_lm.batches(val_data, np.random.default_rng(12345),
-                                      train_lm._EVAL_BATCHES.value))  # pylint: disable=protected-access
+  train_data, _, val_batches = train_lm.split_corpus(data)
   model = trained_model(train_data)
   dense = val_loss(model, val_batches)
   print(f"dense: val loss {dense:.4f} nats/byte, perplexity {np.exp(dense):.3f}")

@@ -96,6 +96,13 @@ def load_corpus(path):
   return np.frombuffer(data, np.uint8)
 
 
+def split_corpus(data):
+  """(training bytes, validation bytes, validation batches): the split every LM example uses."""
+  train_data, val_data = np.split(data, [int(0.9 * len(data))])
+  return train_data, val_data, list(batches(val_data, np.random.default_rng(12345),
+                                            _EVAL_BATCHES.value))
+
+
 def batches(data, rng, count):
   """`count` random windows of seq + 1 bytes: inputs and next-byte targets."""
   starts = rng.integers(0, len(data) - _SEQ.value - 1, (count, _BATCH.value))
@@ -262,9 +269,7 @@ def main(argv):
   if _SEQ.value % _BLOCK.value or _DIM.value % 16 or _DIM.value % _HEADS.value:
     raise app.UsageError("--seq must be a multiple of --block, and --dim of 16 and of --heads")
   data = load_corpus(_TEXT_FILE.value)
-  split = int(0.9 * len(data))
-  train_data, val_data = data[:split], data[split:]
-  val_batches = list(batches(val_data, np.random.default_rng(12345), _EVAL_BATCHES.value))
+  train_data, _, val_batches = split_corpus(data)
   source = _TEXT_FILE.value or "Python standard-library source"
   print(f"{source}: {len(data) / 1e6:.2f} MB; byte-level LM, {_LAYERS.value} blocks, width "
         f"{_DIM.value}, {_HEADS.value} heads, seq {_SEQ.value}, batch {_BATCH.value}, "
