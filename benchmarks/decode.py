@@ -99,14 +99,14 @@ def main(argv):
         assert int(cache.dropped.sum()) == 0
         fn = jax.jit(lambda q, c, mask=mask, kept=kept: sja.decode_attention(
             q, c.k, c.v, c.lengths, page_table=c.page_table, mask=mask,
-            pages=sja.present_pages(c, num_pages=kept), implementation=impl))
+            pages=sja.present_pages(c, k_pages=kept), implementation=impl))
         share = float(sja.kv_bytes(cache)) / float(sja.kv_bytes(full))
         rows.append((name, fn, (q, cache), share, ""))
       top = max(kv_len // page // _TOP.value, 1)
       quest = jax.jit(lambda q, c: sja.decode_attention(
           q, c.k, c.v, c.lengths, page_table=c.page_table,
-          pages=sja.select_pages(q, c, num_pages=top), implementation=impl))
-      recall = sja.page_recall(q, full, sja.select_pages(q, full, num_pages=top))
+          pages=sja.select_pages(q, c, k_pages=top), implementation=impl))
+      recall = sja.page_recall(q, full, sja.select_pages(q, full, k_pages=top))
       rows.append((f"top 1/{_TOP.value} pages (Quest)", quest, (q, full), top * page / kv_len,
                    f"recall {float(recall.mean()):.2f} (random keys)"))
       results = timed_rounds([(fn, args) for _, fn, args, _, _ in rows], repeats=_REPEATS.value)

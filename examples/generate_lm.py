@@ -136,10 +136,10 @@ def decode_step(model, pattern, caches, tokens, position):
     cache = sja.append(cache, k, v, mask=pattern.mask)
     pages = None
     if pattern.quest:
-      pages = sja.select_pages(q, cache, num_pages=pattern.pages)
+      pages = sja.select_pages(q, cache, k_pages=pattern.pages)
       recalls.append(jnp.mean(sja.page_recall(q, cache, pages)))
     elif pattern.mask is not None:  # read only the pages the pruned cache holds
-      pages = sja.present_pages(cache, num_pages=pattern.pages)
+      pages = sja.present_pages(cache, k_pages=pattern.pages)
     o = sja.decode_attention(q, cache.k, cache.v, cache.lengths, page_table=cache.page_table,
                              mask=pattern.mask, pages=pages)
     x = x + block.attention.out(o.reshape(batch, 1, dim))

@@ -54,7 +54,7 @@ def selected_pages_case():
   rng = np.random.default_rng(3)
   cache = filled_cache(rng, 2, 2, 128, 120)
   q = normal(rng, 2, 1, HEADS, SMALL_DIM)
-  return q, cache, sja.select_pages(q, cache, num_pages=3)
+  return q, cache, sja.select_pages(q, cache, k_pages=3)
 
 
 class TestPallasTriton:

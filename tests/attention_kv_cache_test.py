@@ -52,7 +52,7 @@ def test_pruned_cache_decodes_like_the_full_cache(name):
     args = (lax_slice(q, t), cache.k, cache.v, cache.lengths)
     got = sja.decode_attention(*args, page_table=cache.page_table, mask=mask)
     only = sja.decode_attention(*args, page_table=cache.page_table, mask=mask,  # 8 of 16 pages
-                                pages=sja.present_pages(cache, num_pages=8))
+                                pages=sja.present_pages(cache, k_pages=8))
     return cache, (got, only, sja.kv_bytes(cache))
 
   cache, (got, only, used) = jax.lax.scan(step, cache, jnp.arange(prompt, T))
@@ -122,7 +122,7 @@ def test_paged_cache_and_chosen_pages_equal_the_reference():
   for impl in ("reference", "xla"):
     got = sja.decode_attention(*args, page_table=cache.page_table, implementation=impl)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-  pages = sja.select_pages(q, cache, num_pages=5)
+  pages = sja.select_pages(q, cache, k_pages=5)
   assert pages.shape == (2, KV_HEADS, 5) and int((pages == 12).any(-1).sum()) == 4  # newest page
   chosen = jnp.zeros(cache.page_table.shape, bool).at[
       jnp.arange(2)[:, None, None], jnp.arange(KV_HEADS)[None, :, None], pages].set(True)
@@ -140,26 +140,26 @@ def test_select_pages_finds_planted_pages_and_recall():
   planted = [2, 7, 11]
   k = k.at[:, [p * PAGE + 3 for p in planted]].add(4.0 * jnp.repeat(q[:, :, ::2], 3, axis=1))
   cache = sja.append(sja.init_cache(2, KV_HEADS, DIM, page_size=PAGE, max_len=T), k, v)
-  pages = jax.jit(lambda q, c: sja.select_pages(q, c, num_pages=4))(q, cache)
+  pages = jax.jit(lambda q, c: sja.select_pages(q, c, k_pages=4))(q, cache)
   for p in planted + [T // PAGE - 1]:  # and the newest
     assert bool((pages == p).any(-1).all()), (p, pages)
   recall = sja.page_recall(q, cache, pages)
   assert recall.shape == (2, HEADS, 1) and float(recall[:, ::2].min()) > 0.9  # planted heads
   few = sja.page_recall(q, cache, jnp.full((2, KV_HEADS, 4), -1).at[..., 0].set(0))
   assert float(few.max()) < 0.5
-  every = sja.select_pages(q, cache, num_pages=T // PAGE)
+  every = sja.select_pages(q, cache, k_pages=T // PAGE)
   np.testing.assert_allclose(sja.page_recall(q, cache, every), 1.0, atol=1e-6)
 
 
 def test_select_pages_skips_absent_pages_and_the_future():
   q, _, _, cache = paged(3, length=30)  # pages 0-3 hold keys
-  pages = sja.select_pages(q, cache, num_pages=6)
+  pages = sja.select_pages(q, cache, k_pages=6)
   assert np.asarray(pages)[..., :4].tolist() == [[[0, 1, 2, 3]] * KV_HEADS] * 2
   np.testing.assert_array_equal(np.asarray(pages)[..., 4:], -1)
   empty = sja.init_cache(2, KV_HEADS, DIM, page_size=PAGE, max_len=T)
-  np.testing.assert_array_equal(sja.select_pages(q, empty, num_pages=2), -1)
+  np.testing.assert_array_equal(sja.select_pages(q, empty, k_pages=2), -1)
   out = sja.decode_attention(q, empty.k, empty.v, empty.lengths, page_table=empty.page_table,
-                             pages=sja.select_pages(q, empty, num_pages=2))
+                             pages=sja.select_pages(q, empty, k_pages=2))
   np.testing.assert_array_equal(out, 0.0)
 
 
@@ -171,8 +171,8 @@ def test_full_pool_and_bad_input():
   full = jax.jit(sja.append)(small, k[:, :40], v[:, :40])  # inside jit: counted
   assert full.dropped.tolist() == [32, 40]  # pages go to sequence 0's first KV head first
   _, _, _, cache = paged(5)
-  with pytest.raises(ValueError, match="num_pages=17 is more than the 16 pages"):
-    sja.select_pages(q[:, :1], cache, num_pages=17)
+  with pytest.raises(ValueError, match="k_pages=17 is more than the 16 pages"):
+    sja.select_pages(q[:, :1], cache, k_pages=17)
   with pytest.raises(ValueError, match="pages selects 17 pages of sequences that have 16"):
     sja.decode_attention(q[:, :1], cache.k, cache.v, cache.lengths,
                          page_table=cache.page_table, pages=jnp.zeros((2, KV_HEADS, 17), int))

@@ -267,7 +267,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   Example:
     >>> out = sja.decode_attention(q, k_cache, v_cache, lengths,
     ...                            mask=sja.LocalMask((T, T), (1024, 0)))
-    >>> pages = sja.select_pages(q, cache, num_pages=64)        # Quest
+    >>> pages = sja.select_pages(q, cache, k_pages=64)        # Quest
     >>> out = sja.decode_attention(q, cache.k, cache.v, cache.lengths,
     ...                            page_table=cache.page_table, pages=pages)
   """

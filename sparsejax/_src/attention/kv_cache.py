@@ -230,8 +230,8 @@ def _append(cache, k, v, *, mask, prefill):
                  dropped)
 
 
-@functools.partial(jax.jit, static_argnames="num_pages")  # its checks are on shapes
-def present_pages(cache: KVCache, *, num_pages: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="k_pages")  # its checks are on shapes
+def present_pages(cache: KVCache, *, k_pages: int) -> jax.Array:
   """The pages a cache holds, per KV head: all of a pruned cache's, for `decode_attention`.
 
   A cache pruned by a pattern keeps a bounded number of pages (a window's,
@@ -239,26 +239,32 @@ def present_pages(cache: KVCache, *, num_pages: int) -> jax.Array:
 
   Args:
     cache: a `KVCache`.
-    num_pages: how many to return, at most pages_per_seq; where a KV head
-      holds more, its newest `num_pages` (then decoding is no longer exact).
+    k_pages: how many to return, at most pages_per_seq; where a KV head
+      holds more, its newest `k_pages` (then decoding is no longer exact).
 
   Returns:
-    int32[batch, kv_heads, num_pages]: page indices, ascending, -1 padded.
+    int32[batch, kv_heads, k_pages]: page indices, ascending, -1 padded.
 
   Example:
-    >>> pages = sja.present_pages(cache, num_pages=4096 // 16 + 2)  # window 4096
+    >>> pages = sja.present_pages(cache, k_pages=4096 // 16 + 2)  # window 4096
   """
-  n_pages = cache.page_table.shape[2]
-  _checks.static_int("num_pages", num_pages, minimum=1)
-  if num_pages > n_pages:
-    raise ValueError(f"num_pages={num_pages} is more than the {n_pages} pages a sequence has")
+  n_pages = _check_k_pages(k_pages, cache)
   page = jnp.arange(n_pages, dtype=jnp.int32)
-  return _top_pages(jnp.where(cache.page_table >= 0, page, -jnp.inf), num_pages)
+  return _top_pages(jnp.where(cache.page_table >= 0, page, -jnp.inf), k_pages)
 
 
-def _top_pages(score, num_pages):
-  """int32[..., num_pages]: the pages of highest score, ascending; -1 for -inf ones."""
-  top_score, top = jax.lax.top_k(score, num_pages)
+def _check_k_pages(k_pages, cache) -> int:
+  """Validates a number of pages to choose; returns the pages a sequence has."""
+  n_pages = cache.page_table.shape[2]
+  _checks.static_int("k_pages", k_pages, minimum=1)
+  if k_pages > n_pages:
+    raise ValueError(f"k_pages={k_pages} is more than the {n_pages} pages a sequence has")
+  return n_pages
+
+
+def _top_pages(score, k_pages):
+  """int32[..., k_pages]: the pages of highest score, ascending; -1 for -inf ones."""
+  top_score, top = jax.lax.top_k(score, k_pages)
   chosen = jnp.sort(jnp.where(top_score > -jnp.inf, top, score.shape[-1]), axis=-1)
   return jnp.where(chosen < score.shape[-1], chosen, -1).astype(jnp.int32)
 
@@ -269,9 +275,9 @@ def kv_bytes(cache: KVCache) -> jax.Array:
   return jnp.sum(cache.page_table >= 0) * page
 
 
-@functools.partial(jax.jit, static_argnames="num_pages")
-def select_pages(q: jax.Array, cache: KVCache, *, num_pages: int) -> jax.Array:
-  """Quest page selection: per KV head, the `num_pages` pages with the largest bound on q.k.
+@functools.partial(jax.jit, static_argnames="k_pages")
+def select_pages(q: jax.Array, cache: KVCache, *, k_pages: int) -> jax.Array:
+  """Quest page selection: per KV head, the `k_pages` pages with the largest bound on q.k.
 
   On a page with key bounds ``m <= k <= M`` (elementwise), ``q . k <=
   sum_d max(q_d m_d, q_d M_d)``; a KV head takes the largest bound over its
@@ -281,21 +287,19 @@ def select_pages(q: jax.Array, cache: KVCache, *, num_pages: int) -> jax.Array:
   Args:
     q: [batch, q_tokens, heads, head_dim], as for `decode_attention`.
     cache: a `KVCache`.
-    num_pages: pages to choose per (sequence, KV head), at most pages_per_seq.
+    k_pages: pages to choose per (sequence, KV head), at most pages_per_seq.
 
   Returns:
-    int32[batch, kv_heads, num_pages]: page indices for `decode_attention`'s
+    int32[batch, kv_heads, k_pages]: page indices for `decode_attention`'s
     `pages`, ascending, -1 where fewer pages exist.
 
   Example:
-    >>> pages = sja.select_pages(q, cache, num_pages=64)
+    >>> pages = sja.select_pages(q, cache, k_pages=64)
     >>> out = sja.decode_attention(q, cache.k, cache.v, cache.lengths,
     ...                            page_table=cache.page_table, pages=pages)
   """
-  batch, kv_heads, n_pages = cache.page_table.shape
-  _checks.static_int("num_pages", num_pages, minimum=1)
-  if num_pages > n_pages:
-    raise ValueError(f"num_pages={num_pages} is more than the {n_pages} pages a sequence has")
+  batch, kv_heads, _ = cache.page_table.shape
+  n_pages = _check_k_pages(k_pages, cache)
   if q.ndim != 4 or q.shape[0] != batch or q.shape[2] % kv_heads or q.shape[3] != cache.k.shape[2]:
     raise ValueError(f"q must be [batch={batch}, q_tokens, heads (a multiple of {kv_heads}), "
                      f"{cache.k.shape[2]}], got {q.shape}")
@@ -311,7 +315,7 @@ def select_pages(q: jax.Array, cache: KVCache, *, num_pages: int) -> jax.Array:
   score = jnp.where(page == last, jnp.inf, score)
   score = jnp.where((table >= 0) & (page * cache.page_size < cache.lengths[:, None, None]),
                     score, -jnp.inf)
-  return _top_pages(score, num_pages)
+  return _top_pages(score, k_pages)
 
 
 def page_recall(q: jax.Array, cache: KVCache, pages: jax.Array, *,
