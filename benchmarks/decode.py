@@ -94,12 +94,17 @@ def main(argv):
         name, mask, kept = pruned(kind, kv_len)
         small = sja.init_cache(batch, kv_heads, dim, page_size=page, max_len=kv_len,
                                num_pages=batch * kv_heads * kept)  # what the pattern keeps
-        cache = jax.jit(lambda c, k, v, mask=mask: sja.append(c, k, v, mask=mask, prefill=True))(
-            small, k, v)
+        t = kv_len - _Q_TOKENS.value  # the prompt, then the new tokens decoding attends
+        cache = jax.jit(lambda c, k, v, mask=mask, t=t: sja.append(
+            sja.append(c, k[:, :t], v[:, :t], mask=mask, prefill=True), k[:, t:], v[:, t:],
+            mask=mask))(small, k, v)
         assert int(cache.dropped.sum()) == 0
         fn = jax.jit(lambda q, c, mask=mask, kept=kept: sja.decode_attention(
             q, c.k, c.v, c.lengths, page_table=c.page_table, mask=mask,
             pages=sja.present_pages(c, k_pages=kept), implementation=impl))
+        want = sja.decode_attention(q, k, v, lengths, mask=mask)  # the pattern on the full cache
+        err = float(jnp.abs(fn(q, cache) - want).max())
+        assert err < 1e-3, f"{name}: the pruned cache decodes differently ({err:.2e})"
         share = float(sja.kv_bytes(cache)) / float(sja.kv_bytes(full))
         rows.append((name, fn, (q, cache), share, ""))
       top = max(kv_len // page // _TOP.value, 1)

@@ -105,7 +105,7 @@ def pages_held(mask):
   """
   t, size = _SEQ.value, _PAGE_SIZE.value
   lengths, positions = jnp.arange(t), jnp.arange(t)
-  need = sja.kv_needed(mask, lengths, positions, num_heads=_HEADS.value)  # [t, heads, t]
+  need = sja.kv_needed(mask, positions, query_position=lengths, num_heads=_HEADS.value)  # [t, heads, t]
   need &= (positions[None] < lengths[:, None])[:, None]
   held = need.reshape(t, _HEADS.value, t // size, size).any(-1)
   held |= jnp.arange(t // size)[None, None] == (lengths // size)[:, None, None]

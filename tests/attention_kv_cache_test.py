@@ -66,7 +66,7 @@ def test_pruned_cache_decodes_like_the_full_cache(name):
   dense_bytes = 2 * batch * T * kv_heads * DIM * 4
   assert int(used.max()) <= pool * 2 * PAGE * DIM * 4 < dense_bytes
   # The pages kept are exactly those holding a key some future query reads.
-  need = sja.kv_needed(mask, cache.lengths - 1, jnp.arange(T), num_heads=len(
+  need = sja.kv_needed(mask, jnp.arange(T), query_position=cache.lengths - 1, num_heads=len(
       mask) if isinstance(mask, sja.MultiHeadMask) else kv_heads)
   need = need.reshape(batch, kv_heads, -1, T // PAGE, PAGE).any((2, 4))
   np.testing.assert_array_equal(cache.page_table >= 0, need)
@@ -93,17 +93,25 @@ def lax_slice(x, t):
 
 def test_kv_needed_matches_the_mask():
   """A key is needed at position p iff some query at p or later reads it (checked by brute force)."""
-  for name, mask in PATTERNS.items():
+  more = {"local offset/right": sja.LocalMask((T, T), (12, 3), offset=-4),
+          "ashape, no sink": sja.AShapeMask((T, T), 0, 10),
+          "chunks of 5": sja.ChunkedCausalMask((T, T), 5),
+          "s2, not causal": sja.StridedShardMask((T, T), 8, 3, 2, local_window=6, causal=False),
+          "s2, no window": sja.StridedShardMask((T, T), 8, 3, 0),
+          "local & causal": sja.LocalMask((T, T), (30, 0)) & sja.CausalMask((T, T))}
+  for name, mask in {**PATTERNS, **more}.items():
     heads = len(mask) if isinstance(mask, sja.MultiHeadMask) else 1
     dense = np.stack([m.to_numpy() for m in (mask.masks if heads > 1 else [mask])])
     positions = np.array([0, 5, 37, 64, 100])
-    got = np.asarray(sja.kv_needed(mask, positions, jnp.arange(T), num_heads=heads))
+    got = np.asarray(sja.kv_needed(mask, jnp.arange(T), query_position=positions, num_heads=heads))
+    assert got.shape == (5, heads, T)
     for i, p in enumerate(positions):
       want = dense[:, p:].any(axis=1) & (np.arange(T) < p)
       np.testing.assert_array_equal(got[i][:, :p], want[:, :p], err_msg=f"{name} at {p}")
   # Masks without a rule for it keep every key.
   bigbird = sja.BigBirdMask((T, T), block=16, causal=True)
-  assert bool(sja.kv_needed(bigbird, jnp.array([90]), jnp.arange(T), num_heads=1).all())
+  keep = sja.kv_needed(bigbird, jnp.arange(T), query_position=jnp.array([90, 3]), num_heads=2)
+  assert keep.shape == (2, 2, T) and bool(keep.all())
 
 
 def paged(seed, batch=2, length=T):
@@ -163,6 +171,40 @@ def test_select_pages_skips_absent_pages_and_the_future():
   np.testing.assert_array_equal(out, 0.0)
 
 
+def test_pruned_pages_are_never_selected_and_repeats_count_once():
+  """Quest on a pruned cache (or under its mask) picks only pages the pattern keeps."""
+  mask = PATTERNS["ashape"]
+  q, k, v = sequence(7)
+  cache = sja.append(sja.init_cache(2, KV_HEADS, DIM, page_size=PAGE, max_len=T),
+                     k[:, :100], v[:, :100], mask=mask, prefill=True)
+  q = q[:, 99:100]
+  assert int((cache.page_table >= 0).sum(-1).min()) == 5  # page 0 and keys 77..99
+  pages = np.asarray(sja.select_pages(q, cache, k_pages=7))
+  kept = np.asarray(cache.page_table >= 0)
+  for b, h in np.ndindex(2, KV_HEADS):
+    chosen = pages[b, h][pages[b, h] >= 0]
+    assert len(chosen) == 5 and kept[b, h, chosen].all()
+  full = sja.append(sja.init_cache(2, KV_HEADS, DIM, page_size=PAGE, max_len=T),
+                    k[:, :100], v[:, :100])
+  np.testing.assert_array_equal(sja.select_pages(q, full, k_pages=7, mask=mask), pages)
+  args = (q, full.k, full.v, full.lengths)
+  once = sja.decode_attention(*args, page_table=full.page_table, pages=jnp.asarray(pages))
+  twice = sja.decode_attention(*args, page_table=full.page_table,
+                               pages=jnp.asarray(np.concatenate([pages, pages[..., :1]], -1)))
+  np.testing.assert_allclose(twice, once, atol=2e-6)
+
+
+def test_overflow_is_counted_and_the_cache_donates():
+  q, k, v = sequence(8)
+  small = sja.init_cache(2, KV_HEADS, DIM, page_size=PAGE, max_len=32)
+  over = jax.jit(sja.append)(small, k[:, :40], v[:, :40])  # 8 tokens past the capacity
+  assert over.dropped.tolist() == [8, 8]
+  step = jax.jit(sja.append, donate_argnums=0)
+  cache = step(small, k[:, :4], v[:, :4])
+  cache = step(cache, k[:, 4:5], v[:, 4:5])
+  assert cache.lengths.tolist() == [5, 5] and cache.k is not cache.v
+
+
 def test_full_pool_and_bad_input():
   q, k, v = sequence(4)
   small = sja.init_cache(2, KV_HEADS, DIM, page_size=PAGE, max_len=T, num_pages=6)
@@ -189,5 +231,13 @@ def test_full_pool_and_bad_input():
                                        "kv_heads=3"):
     sja.append(sja.init_cache(2, 3, DIM, page_size=PAGE, max_len=T), k[:, :1, :1].repeat(3, 2),
                v[:, :1, :1].repeat(3, 2), mask=PATTERNS["s2"])
+  with pytest.raises(ValueError, match="lengths must be an int array, got list"):
+    sja.decode_attention(q[:, :1], k, v, [1, 2])
+  with pytest.raises(ValueError, match="q must be a floating-point array, got int32"):
+    sja.decode_attention(q[:, :1].astype(jnp.int32), k, v, jnp.array([1, 2]))
+  with pytest.raises(ValueError, match="cache must be a sja.KVCache"):
+    sja.present_pages((k, v), k_pages=2)
+  with pytest.raises(ValueError, match="prefill must be a Python bool"):
+    sja.append(small, k[:, :1], v[:, :1], prefill=jnp.bool_(True))
   with pytest.raises(ValueError, match="page_size=7 must divide max_len=128"):
     sja.init_cache(2, KV_HEADS, DIM, page_size=7, max_len=T)

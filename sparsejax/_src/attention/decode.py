@@ -64,6 +64,13 @@ _SCORES_PER_SPLIT = 1 << 24  # "xla" splits the cache when the scores would be l
 
 def _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits):
   """Validates the arguments of `decode_attention`."""
+  for name, x in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]:
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a floating-point array, got "
+                       f"{getattr(x, 'dtype', type(x).__name__)}")
+  for name, x in [("lengths", lengths), ("page_table", page_table), ("pages", pages)]:
+    if x is not None and not hasattr(x, "dtype"):
+      raise ValueError(f"{name} must be an int array, got {type(x).__name__}")
   if q.ndim != 4 or k_cache.shape != v_cache.shape:
     raise ValueError(f"q must be [batch, q_tokens, heads, head_dim] and k_cache, v_cache of one "
                      f"shape, got {q.shape=}, {k_cache.shape=}, {v_cache.shape=}")
@@ -152,8 +159,11 @@ def paged_view(k_cache, page_table, pages):
     head = jnp.zeros(page_table.shape[1], jnp.int32)
   phys = phys.astype(jnp.int32)
   logical = jnp.broadcast_to(jnp.arange(phys.shape[2], dtype=jnp.int32), phys.shape)
-  if pages is not None:
-    logical = pages.astype(jnp.int32)
+  if pages is not None:  # a page listed twice counts once
+    logical = jnp.sort(pages.astype(jnp.int32), axis=2)
+    repeat = jnp.concatenate([jnp.zeros_like(logical[..., :1], bool),
+                              logical[..., 1:] == logical[..., :-1]], axis=2)
+    logical = jnp.where(repeat, -1, logical)
     taken = jnp.take_along_axis(phys, jnp.maximum(logical, 0), axis=2)
     phys = jnp.where(logical >= 0, taken, -1)
   return pool, phys, logical, head
@@ -241,8 +251,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
       pages_per_seq]: the pool pages of each sequence (and KV head) in
       order, -1 where a page is absent (None: a contiguous cache).
     pages: int[batch, kv_heads, num_selected]: attend only to these pages
-      (indices into page_table's last dim, -1 for none), as `select_pages`
-      chooses them.
+      (indices into page_table's last dim, -1 for none; a page listed twice
+      counts once), as `select_pages` chooses them.
     mask: a `Mask` or `MultiHeadMask` over (query position, key position)
       that restricts attention further (a local window, S2 shards, ...).
     implementation: "reference" (the whole cache at once), "xla" (split-KV
@@ -275,6 +285,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     raise ValueError(f"unknown implementation {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS} or None")
   _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits)
+  if sm_scale is not None:
+    _checks.static_float("sm_scale", sm_scale)
   sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
   call = functools.partial(_decode, q, k_cache, v_cache, jnp.asarray(lengths, jnp.int32),
@@ -335,8 +347,8 @@ def _decode(q, k_cache, v_cache, lengths, page_table, pages, *, mask, implementa
     num_splits = 1
   elif num_splits is None:
     scores = max(batch * heads * q_tokens * blocks * block, 1)
-    num_splits = next(n for n in range(1, blocks + 1)
-                      if blocks % n == 0 and scores // n <= _SCORES_PER_SPLIT) if blocks else 1
+    num_splits = next((n for n in range(1, blocks + 1)
+                       if blocks % n == 0 and scores // n <= _SCORES_PER_SPLIT), max(blocks, 1))
   size = blocks // num_splits
 
   if page_table is None:

@@ -3,7 +3,7 @@
 `page_lists` turns decode's page view (`decode.paged_view`) into, per
 (sequence, KV head), the list of pages some new query may read (present, at
 positions before the newest token, and kept by the mask's decode-time
-pattern, `Mask._needed`, a superset, so the kernels still mask each key),
+pattern, `masks.kv_head_needed`, a superset, so the kernels still mask each key),
 shared evenly among the split-KV programs of that (sequence, KV head).
 `query_tile` groups the query heads of each KV head into one tile (GQA) and
 `merge` undoes it and combines the splits. `kernel_masks` refuses masks a
@@ -68,25 +68,6 @@ def kernel_masks(mask, heads: int, rows: int,
   return tuple(distinct), None if len(distinct) == 1 else jnp.asarray(ids)
 
 
-def _needed(mask, heads: int, at: jax.Array, pos: jax.Array) -> jax.Array:
-  """bool[batch, kv_heads, n, page_size]: keys some query head of each KV head may read.
-
-  `at` int32[batch, 1, 1, 1] is the first new query's position, `pos`
-  int32[batch, kv_heads, n, page_size] the keys' positions.
-  """
-  head_masks = masks_lib.as_head_masks(mask, heads)
-  if len(set(head_masks)) == 1:
-    return head_masks[0]._needed(at, pos, jnp)  # pylint: disable=protected-access
-  kv_heads = pos.shape[1]
-  groups = heads // kv_heads
-  need = []
-  for h in range(kv_heads):
-    group = dict.fromkeys(head_masks[h * groups:(h + 1) * groups])  # distinct, in order
-    need.append(jnp.stack([m._needed(at[:, 0], pos[:, h], jnp)  # pylint: disable=protected-access
-                           for m in group]).any(0))
-  return jnp.stack(need, axis=1)
-
-
 def page_lists(phys: jax.Array, logical: jax.Array, lengths: jax.Array, mask, *, heads: int,
                q_tokens: int, page_size: int, splits: int) -> PageLists:
   """The pages to read per (sequence, KV head), first, shared among `splits` programs.
@@ -98,7 +79,9 @@ def page_lists(phys: jax.Array, logical: jax.Array, lengths: jax.Array, mask, *,
   if mask is not None:
     pos = logical[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)[None, None, None]
     at = jnp.maximum(lengths - q_tokens, 0)[:, None, None, None]
-    read &= _needed(mask, heads, at, pos).any(-1)
+    if not isinstance(mask, masks_lib.Mask):
+      mask = masks_lib.MultiHeadMask(masks_lib.as_head_masks(mask, heads))
+    read &= masks_lib.kv_head_needed(mask, at, pos, kv_heads=pos.shape[1]).any(-1)
   order = jnp.argsort(jnp.where(read, 0, 1), axis=-1, stable=True)
   count = jnp.sum(read, axis=-1, dtype=jnp.int32)[..., None]
   edges = jnp.arange(splits + 1, dtype=jnp.int32)[None, None]

@@ -86,56 +86,45 @@ def init_cache(batch: int, kv_heads: int, head_dim: int, *, page_size: int, max_
   pages_per_seq = max_len // page_size
   num_pages = batch * kv_heads * pages_per_seq if num_pages is None else _checks.static_int(
       "num_pages", num_pages, minimum=1)
-  pool = jnp.zeros((num_pages, page_size, head_dim), dtype)
-  return KVCache(pool, pool, jnp.full((batch, kv_heads, pages_per_seq), -1, jnp.int32),
+  pool = lambda: jnp.zeros((num_pages, page_size, head_dim), dtype)  # noqa: E731  (two buffers)
+  return KVCache(pool(), pool(), jnp.full((batch, kv_heads, pages_per_seq), -1, jnp.int32),
                  jnp.zeros((batch,), jnp.int32),
                  jnp.full((num_pages, head_dim), jnp.inf, jnp.float32),
                  jnp.full((num_pages, head_dim), -jnp.inf, jnp.float32),
                  jnp.zeros((batch,), jnp.int32))
 
 
-def kv_needed(mask: masks_lib.Mask | masks_lib.MultiHeadMask, lengths: jax.Array,
-              positions: jax.Array, *, num_heads: int) -> jax.Array:
-  """Which keys a query at ``lengths[b]`` or later may still read under `mask`.
+def kv_needed(mask: masks_lib.Mask | masks_lib.MultiHeadMask, kv_positions: jax.Array, *,
+              query_position: jax.Array, num_heads: int) -> jax.Array:
+  """Which keys a query at `query_position` or later may still read under `mask`.
 
-  Exact for the patterns that hold at decode time and their ``&``/``|``:
-  `LocalMask` (keys within the window of the next query), `AShapeMask` (the
-  sinks and the window), `ChunkedCausalMask` (the current chunk),
-  `StridedShardMask` (the head's shard and its window). Other masks keep
-  every key (safe, and no saving).
+  Exact for the patterns that hold at decode time: `LocalMask` (keys within
+  the window of the query), `AShapeMask` (the sinks and the window),
+  `ChunkedCausalMask` (the current chunk), `StridedShardMask` (the head's
+  shard and its window), and their ``|``; a superset for their ``&``. Other
+  masks keep every key (safe, and no saving).
 
   Args:
     mask: a `Mask` or a `MultiHeadMask` with `num_heads` heads.
-    lengths: int[batch]: the position of the next query per sequence.
-    positions: int[...]: key positions.
+    kv_positions: int[...]: key positions.
+    query_position: int[batch]: the position of the next query per sequence
+      (a `KVCache`'s `lengths` before the token is appended).
     num_heads: heads of the model (query heads).
 
   Returns:
-    bool[batch, num_heads, *positions.shape]; over all heads: ``.any(1)``.
+    bool[batch, num_heads, *kv_positions.shape]; over all heads: ``.any(1)``.
 
   Example:
-    >>> keep = sja.kv_needed(sja.AShapeMask((T, T), 4, 256), lengths,
-    ...                      jnp.arange(T), num_heads=8)
+    >>> keep = sja.kv_needed(sja.AShapeMask((T, T), 4, 256), jnp.arange(T),
+    ...                      query_position=cache.lengths, num_heads=8)
   """
-  pos = jnp.asarray(positions, jnp.int32)
-  at = jnp.asarray(lengths, jnp.int32).reshape(-1, *(1,) * pos.ndim)
-  return _needed(mask, at, pos[None], num_heads)
-
-
-def _needed(mask, at, pos, num_heads):
-  """bool[batch, num_heads, ...] of `at` and `pos` broadcast, [batch, ...] both."""
-  return jnp.stack([m._needed(at, pos, jnp) & (pos < m.shape[1])  # pylint: disable=protected-access
-                    for m in masks_lib.as_head_masks(mask, num_heads)], axis=1)
-
-
-def _kv_head_needed(mask, at, pos, kv_heads):
-  """bool[batch, kv_heads, ...]: keys any query head of each KV head may read."""
-  heads = len(mask) if isinstance(mask, masks_lib.MultiHeadMask) else kv_heads
-  if heads % kv_heads:
-    raise ValueError(f"mask has {heads} heads; it must be a multiple of the cache's "
-                     f"kv_heads={kv_heads}")
-  need = _needed(mask, at, pos, heads)
-  return need.reshape(need.shape[0], kv_heads, heads // kv_heads, *need.shape[2:]).any(2)
+  heads = masks_lib.MultiHeadMask(masks_lib.as_head_masks(mask, num_heads))
+  pos = jnp.asarray(kv_positions, jnp.int32)
+  at = jnp.asarray(query_position, jnp.int32)
+  if at.ndim != 1:
+    raise ValueError(f"query_position must be int[batch], got shape {at.shape}")
+  at = at.reshape(-1, *(1,) * (pos.ndim + 1))
+  return masks_lib.kv_head_needed(heads, at, pos[None, None], kv_heads=num_heads)
 
 
 def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
@@ -157,12 +146,20 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
       multiple of kv_heads heads, covering the capacity), or None.
     prefill: the new tokens' own queries are attended elsewhere (a prompt
       run through `block_sparse_attention`): keep only what queries after
-      them read, so a long prompt never fills the pool.
+      them read, so a long prompt never fills the pool. Decoding then starts
+      with the next `append`ed token: a query at a prefilled position may
+      find keys it reads already dropped.
 
   Returns:
     the cache with ``lengths + new_tokens`` tokens per sequence.
   """
+  if not isinstance(cache, KVCache):
+    raise ValueError(f"cache must be a sja.KVCache (sja.init_cache), got {type(cache).__name__}")
   batch, kv_heads, _ = cache.page_table.shape
+  for name, x in [("k", k), ("v", v)]:
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a floating-point array, got "
+                       f"{getattr(x, 'dtype', type(x).__name__)}")
   if k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != (
       kv_heads, cache.k.shape[2]):
     raise ValueError(f"k and v must be [batch={batch}, new_tokens, kv_heads={kv_heads}, "
@@ -172,11 +169,10 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
   if _checks.is_concrete(cache.lengths) and (np.asarray(cache.lengths) + new > cache.capacity).any():
     raise ValueError(f"appending {new} tokens overflows the capacity {cache.capacity} of "
                      f"sequences with lengths {np.asarray(cache.lengths).tolist()}")
-  if mask is not None and not isinstance(mask, (masks_lib.Mask, masks_lib.MultiHeadMask)):
-    raise ValueError(f"mask must be a sja.Mask or sja.MultiHeadMask, got {type(mask).__name__}")
-  if mask is not None and min(mask.shape) < cache.capacity:
-    raise ValueError(f"mask must cover the cache's capacity {cache.capacity} in both dims")
-  cache = _append(cache, k, v, mask=mask, prefill=bool(prefill))
+  _check_mask(mask, cache)
+  if not isinstance(prefill, bool):
+    raise ValueError(f"prefill must be a Python bool (it shapes the computation), got {prefill!r}")
+  cache = _append(cache, k, v, mask=mask, prefill=prefill)
   if _checks.is_concrete(cache.dropped) and (np.asarray(cache.dropped) > np.asarray(dropped)).any():
     raise ValueError(f"the pool of {cache.k.shape[0]} pages is full: no page for "
                      f"{(np.asarray(cache.dropped) - dropped).tolist()} tokens (per sequence); "
@@ -196,10 +192,12 @@ def _append(cache, k, v, *, mask, prefill):
   write = jnp.broadcast_to((pos < cache.capacity)[:, None], (batch, kv_heads, new))
   if mask is not None:
     page_pos = jnp.arange(n_pages * size, dtype=jnp.int32).reshape(n_pages, size)
-    keep = _kv_head_needed(mask, at[:, None, None], page_pos[None], kv_heads).any(-1)
+    keep = masks_lib.kv_head_needed(mask, at[:, None, None, None], page_pos[None, None],
+                                    kv_heads=kv_heads).any(-1)
     keep |= jnp.arange(n_pages)[None, None] >= (at // size)[:, None, None]  # the open page on
     table = jnp.where(keep, table, -1)
-    write &= _kv_head_needed(mask, at[:, None], pos, kv_heads)
+    write &= masks_lib.kv_head_needed(mask, at[:, None, None], pos[:, None],
+                                      kv_heads=kv_heads)
   # Pages to allocate: those a written token falls in that have none.
   page_of = jnp.minimum(pos // size, n_pages - 1)  # [batch, new]
   hit = jnp.zeros((batch, kv_heads, n_pages), bool).at[
@@ -222,7 +220,8 @@ def _append(cache, k, v, *, mask, prefill):
   key_min = cache.key_min.at[jnp.where(want, fresh, num_pages)].set(jnp.inf, mode="drop")
   key_max = cache.key_max.at[jnp.where(want, fresh, num_pages)].set(-jnp.inf, mode="drop")
   kf = kt.astype(jnp.float32)
-  dropped = cache.dropped + jnp.sum((write & (phys < 0)).any(1), axis=1)
+  lost = (write & (phys < 0)).any(1) | (pos >= cache.capacity)  # [batch, new]
+  dropped = cache.dropped + jnp.sum(lost, axis=1)
   return KVCache(cache.k.at[target, slot].set(kt.astype(cache.k.dtype), mode="drop"),
                  cache.v.at[target, slot].set(vt.astype(cache.v.dtype), mode="drop"),
                  table, start + new,
@@ -230,7 +229,6 @@ def _append(cache, k, v, *, mask, prefill):
                  dropped)
 
 
-@functools.partial(jax.jit, static_argnames="k_pages")  # its checks are on shapes
 def present_pages(cache: KVCache, *, k_pages: int) -> jax.Array:
   """The pages a cache holds, per KV head: all of a pruned cache's, for `decode_attention`.
 
@@ -248,13 +246,20 @@ def present_pages(cache: KVCache, *, k_pages: int) -> jax.Array:
   Example:
     >>> pages = sja.present_pages(cache, k_pages=4096 // 16 + 2)  # window 4096
   """
-  n_pages = _check_k_pages(k_pages, cache)
-  page = jnp.arange(n_pages, dtype=jnp.int32)
+  _check_k_pages(k_pages, cache)
+  return _present_pages(cache, k_pages=k_pages)
+
+
+@functools.partial(jax.jit, static_argnames="k_pages")
+def _present_pages(cache, *, k_pages):
+  page = jnp.arange(cache.page_table.shape[2], dtype=jnp.int32)
   return _top_pages(jnp.where(cache.page_table >= 0, page, -jnp.inf), k_pages)
 
 
 def _check_k_pages(k_pages, cache) -> int:
-  """Validates a number of pages to choose; returns the pages a sequence has."""
+  """Validates a cache and a number of pages to choose; returns the pages a sequence has."""
+  if not isinstance(cache, KVCache):
+    raise ValueError(f"cache must be a sja.KVCache (sja.init_cache), got {type(cache).__name__}")
   n_pages = cache.page_table.shape[2]
   _checks.static_int("k_pages", k_pages, minimum=1)
   if k_pages > n_pages:
@@ -269,25 +274,39 @@ def _top_pages(score, k_pages):
   return jnp.where(chosen < score.shape[-1], chosen, -1).astype(jnp.int32)
 
 
+def _check_mask(mask, cache):
+  if mask is not None and not isinstance(mask, (masks_lib.Mask, masks_lib.MultiHeadMask)):
+    raise ValueError(f"mask must be a sja.Mask or sja.MultiHeadMask, got {type(mask).__name__}")
+  if mask is not None and min(mask.shape) < cache.capacity:
+    raise ValueError(f"mask has shape {mask.shape}; it must cover the cache's capacity "
+                     f"{cache.capacity} in both dims")
+  kv_heads = cache.page_table.shape[1]
+  if isinstance(mask, masks_lib.MultiHeadMask) and len(mask) % kv_heads:
+    raise ValueError(f"mask has {len(mask)} heads; it must be a multiple of the cache's "
+                     f"kv_heads={kv_heads}")
+
+
 def kv_bytes(cache: KVCache) -> jax.Array:
   """Bytes of keys and values in the pages the cache uses (pages in use x page bytes)."""
   page = 2 * cache.k.shape[1] * cache.k.shape[2] * cache.k.dtype.itemsize
   return jnp.sum(cache.page_table >= 0) * page
 
 
-@functools.partial(jax.jit, static_argnames="k_pages")
-def select_pages(q: jax.Array, cache: KVCache, *, k_pages: int) -> jax.Array:
+def select_pages(q: jax.Array, cache: KVCache, *, k_pages: int,
+                 mask: masks_lib.Mask | masks_lib.MultiHeadMask | None = None) -> jax.Array:
   """Quest page selection: per KV head, the `k_pages` pages with the largest bound on q.k.
 
   On a page with key bounds ``m <= k <= M`` (elementwise), ``q . k <=
   sum_d max(q_d m_d, q_d M_d)``; a KV head takes the largest bound over its
   query heads and tokens. The page of the newest token is always chosen;
-  absent pages and pages past the length never are.
+  absent pages, pages past the length and, with a `mask`, pages none of the
+  new queries can read under it never are.
 
   Args:
     q: [batch, q_tokens, heads, head_dim], as for `decode_attention`.
     cache: a `KVCache`.
     k_pages: pages to choose per (sequence, KV head), at most pages_per_seq.
+    mask: the `Mask` or `MultiHeadMask` decoding will use, or None.
 
   Returns:
     int32[batch, kv_heads, k_pages]: page indices for `decode_attention`'s
@@ -299,10 +318,20 @@ def select_pages(q: jax.Array, cache: KVCache, *, k_pages: int) -> jax.Array:
     ...                            page_table=cache.page_table, pages=pages)
   """
   batch, kv_heads, _ = cache.page_table.shape
-  n_pages = _check_k_pages(k_pages, cache)
-  if q.ndim != 4 or q.shape[0] != batch or q.shape[2] % kv_heads or q.shape[3] != cache.k.shape[2]:
+  _check_k_pages(k_pages, cache)
+  if (getattr(q, "ndim", None) != 4 or q.shape[0] != batch or q.shape[2] % kv_heads
+      or q.shape[3] != cache.k.shape[2]):
     raise ValueError(f"q must be [batch={batch}, q_tokens, heads (a multiple of {kv_heads}), "
-                     f"{cache.k.shape[2]}], got {q.shape}")
+                     f"{cache.k.shape[2]}], got {getattr(q, 'shape', type(q).__name__)}")
+  _check_mask(mask, cache)
+  if isinstance(mask, masks_lib.MultiHeadMask) and len(mask) != q.shape[2]:
+    raise ValueError(f"mask has {len(mask)} heads, q has {q.shape[2]}")
+  return _select_pages(q, cache, k_pages=k_pages, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("k_pages", "mask"))
+def _select_pages(q, cache, *, k_pages, mask):
+  batch, kv_heads, n_pages = cache.page_table.shape
   table = cache.page_table
   lo = cache.key_min[jnp.maximum(table, 0)]  # [batch, kv_heads, pages, d]
   hi = cache.key_max[jnp.maximum(table, 0)]
@@ -313,8 +342,12 @@ def select_pages(q: jax.Array, cache: KVCache, *, k_pages: int) -> jax.Array:
   page = jnp.arange(n_pages)[None, None]
   last = jnp.maximum(cache.lengths - 1, 0)[:, None, None] // cache.page_size
   score = jnp.where(page == last, jnp.inf, score)
-  score = jnp.where((table >= 0) & (page * cache.page_size < cache.lengths[:, None, None]),
-                    score, -jnp.inf)
+  readable = (table >= 0) & (page * cache.page_size < cache.lengths[:, None, None])
+  if mask is not None:
+    pos = jnp.arange(n_pages * cache.page_size, dtype=jnp.int32).reshape(n_pages, -1)
+    at = jnp.maximum(cache.lengths - q.shape[1], 0)[:, None, None, None]
+    readable &= masks_lib.kv_head_needed(mask, at, pos[None, None], kv_heads=kv_heads).any(-1)
+  score = jnp.where(readable, score, -jnp.inf)
   return _top_pages(score, k_pages)
 
 

@@ -18,10 +18,12 @@ other masks evaluate every element.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsejax._src import _checks
@@ -30,7 +32,6 @@ from sparsejax._src import _checks
 def _xp(*arrays):
   """NumPy for NumPy inputs, jax.numpy for anything traced or on device."""
   if any(isinstance(a, (jax.Array, jax.core.Tracer)) for a in arrays):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return jnp
   return np
 
@@ -174,8 +175,7 @@ class Mask:
 
   def _needed(self, position, kv, xp):
     """Whether some query at `position` or later may read key `kv` (a superset is safe)."""
-    del position
-    return xp.ones(xp.shape(kv), bool)
+    return xp.ones(xp.broadcast_shapes(xp.shape(position), xp.shape(kv)), bool)
 
   def _any_all(self, block_q, block_kv):
     intervals = self._intervals()
@@ -696,6 +696,32 @@ class MultiHeadMask:
 
   def __bool__(self):
     raise ValueError("a mask has no truth value: combine masks with & and |, not and/or")
+
+
+def kv_head_needed(mask: Mask | MultiHeadMask, at, pos, *, kv_heads: int):
+  """bool[batch, kv_heads, ...]: keys some query head of each KV head may read from `at` on.
+
+  A superset where a mask has no exact rule (`Mask._needed`). `at` is
+  int[batch, 1, ...], `pos` int[batch, kv_heads or 1, ...] (broadcast
+  together); a `MultiHeadMask` has a multiple of `kv_heads` heads, grouped
+  in order (GQA), and repeated masks are evaluated once.
+  """
+
+  def needed(m, a, p):
+    return m._needed(a, p, jnp) & (p < m.shape[1])  # pylint: disable=protected-access
+  if isinstance(mask, Mask):
+    need = needed(mask, at, pos)
+    return jnp.broadcast_to(need, (need.shape[0], kv_heads, *need.shape[2:]))
+  if len(mask) % kv_heads:
+    raise ValueError(f"mask has {len(mask)} heads; it must be a multiple of kv_heads={kv_heads}")
+  groups = len(mask) // kv_heads
+  out = []
+  for h in range(kv_heads):
+    p = pos[:, min(h, pos.shape[1] - 1)]
+    group = dict.fromkeys(mask.masks[h * groups:(h + 1) * groups])  # distinct, in order
+    need = [needed(m, at[:, 0], p) for m in group]
+    out.append(functools.reduce(lambda a, b: a | b, need))
+  return jnp.stack(out, axis=1)
 
 
 def as_head_masks(mask: Mask | MultiHeadMask | Sequence[Mask], num_heads: int) -> tuple[Mask, ...]:
