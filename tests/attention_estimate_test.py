@@ -62,7 +62,8 @@ def recall_oracle(q, k, covered, mask):
 
 
 estimate = jax.jit(lambda q, k: sja.estimate_vertical_slash(
-    q, k, block_q=BLOCK, block_kv=BLOCK, k_blocks=K_BLOCKS, num_vertical=3, num_slash=2))
+    q, k, block_q=BLOCK, block_kv=BLOCK, k_blocks=K_BLOCKS, num_vertical=3, num_slash=2,
+    causal=True))
 causal_recall = jax.jit(lambda q, k, layout: sja.layout_recall(q, k, layout,
                                                                mask=sja.CausalMask((T, T))))
 
@@ -96,7 +97,8 @@ def test_estimate_finds_planted_columns_and_diagonals():
 def test_estimate_without_slash_lines_follows_the_columns():
   q, k = planted(0)
   layout = jax.jit(lambda q, k: sja.estimate_vertical_slash(
-      q, k, block_q=BLOCK, block_kv=BLOCK, k_blocks=4, num_vertical=3, num_slash=0))(q, k)
+      q, k, block_q=BLOCK, block_kv=BLOCK, k_blocks=4, num_vertical=3, num_slash=0,
+      causal=True))(q, k)
   active = active_blocks(layout, 2)
   for b in range(2):
     for h in range(2):
@@ -171,7 +173,7 @@ def test_estimated_layout_runs_in_every_implementation(implementation):
   @jax.jit
   def attend(q, k, v):
     layout = sja.estimate_vertical_slash(q, k, block_q=block, block_kv=block, k_blocks=2,
-                                         num_vertical=8, num_slash=8, last_q=32)
+                                         num_vertical=8, num_slash=8, last_q=32, causal=True)
     out = sja.block_sparse_attention(q, k, v, layout, implementation=implementation,
                                      interpret=True)
     return out, sja.dense_mask(layout)[layout.head_row]
@@ -202,7 +204,8 @@ def test_estimated_layout_runs_in_every_implementation(implementation):
 ])
 def test_estimate_rejects_bad_arguments(change, match):
   q, k, _, _ = inputs(5, 1, 128, 4, 2, 16, jnp.float32)
-  kwargs = dict(block_q=16, block_kv=16, k_blocks=2, num_vertical=4, num_slash=4) | change
+  kwargs = dict(block_q=16, block_kv=16, k_blocks=2, num_vertical=4, num_slash=4,
+                causal=True) | change
   with pytest.raises(ValueError, match=match):
     sja.estimate_vertical_slash(q, k, **kwargs)
 
@@ -220,4 +223,4 @@ def test_recall_rejects_bad_arguments():
     sja.layout_recall(q[0], k, layout)
   with pytest.raises(ValueError, match="kv_heads dividing the 2 query heads"):
     sja.estimate_vertical_slash(q, k.repeat(3, 2), block_q=16, block_kv=16, k_blocks=2,
-                                num_vertical=4, num_slash=4)
+                                num_vertical=4, num_slash=4, causal=True)

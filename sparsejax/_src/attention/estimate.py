@@ -76,7 +76,7 @@ def _slash_blocks(slash, q_len, kv_len, block_q, block_kv):
 
 def estimate_vertical_slash(q: jax.Array, k: jax.Array, *, block_q: int, block_kv: int,
                             k_blocks: int, num_vertical: int, num_slash: int,
-                            last_q: int = 64, causal: bool = True,
+                            causal: bool, last_q: int = 64,
                             sm_scale: float | None = None) -> layout_lib.Layout:
   """A vertical-slash layout estimated inside jit from the last `last_q` queries.
 
@@ -101,7 +101,9 @@ def estimate_vertical_slash(q: jax.Array, k: jax.Array, *, block_q: int, block_k
     num_vertical: key columns kept per head (0 for none).
     num_slash: diagonals kept per head (0 for none).
     last_q: the queries the pattern is estimated from (MInference uses 64).
-    causal: causal attention (needs block_q == block_kv).
+    causal: causal attention (needs block_q == block_kv). Required: a
+      prompt of a causal model needs True, and a wrong guess would let the
+      layout attend to the future.
     sm_scale: softmax scale, default ``1 / sqrt(head_dim)``.
 
   Returns:
@@ -109,7 +111,7 @@ def estimate_vertical_slash(q: jax.Array, k: jax.Array, *, block_q: int, block_k
 
   Example:
     >>> layout = sja.estimate_vertical_slash(q, k, block_q=64, block_kv=64, k_blocks=8,
-    ...                                      num_vertical=256, num_slash=64)
+    ...                                      num_vertical=256, num_slash=64, causal=True)
     >>> out = sja.block_sparse_attention(q, k, v, layout)
   """
   sm_scale = _check_qk(q, k, sm_scale)
