@@ -61,11 +61,11 @@ from sparsejax._src.topk import topk_mask as topk_mask
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("attention", "matmul", "nn", "prune")
+_SUBMODULES = ("attention", "finetune", "matmul", "nn", "prune")
 
 
 def __getattr__(name):
-  # `sj.nn`, `sj.matmul`, `sj.attention` and `sj.prune` import on first use, so that
+  # `sj.nn`, `sj.matmul`, `sj.attention`, `sj.finetune` and `sj.prune` import on first use, so that
   # `import sparsejax` stays light and never imports flax.
   if name in _SUBMODULES:
     return _importlib.import_module(f"sparsejax.{name}")
@@ -92,6 +92,7 @@ __all__ = (
     "calibrate",
     "cubic_schedule",
     "drop_and_grow",
+    "finetune",
     "fixed",
     "get_masks",
     "gradient_score",

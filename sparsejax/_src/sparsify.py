@@ -126,7 +126,7 @@ def _is_masked_node(x: Any) -> bool:
   return isinstance(x, optax.transforms.MaskedNode)
 
 
-def _zero_inactive(inner_state: optax.OptState, params: PyTree, keep: PyTree) -> optax.OptState:
+def zero_inactive(inner_state: optax.OptState, params: PyTree, keep: PyTree) -> optax.OptState:
   """Zeroes the inner state where `keep` is False, in every params-shaped subtree.
 
   A subtree is params-shaped when it has the params' tree structure (optax's
@@ -247,7 +247,7 @@ def sparsify(
     masks = sharding.like(masks, pytree.restrict(masks, params))
     inner_state = inner.init(params)
     if not method.dense_params:
-      inner_state = _zero_inactive(inner_state, params, keep_tree(masks, params))
+      inner_state = zero_inactive(inner_state, params, keep_tree(masks, params))
     return SparsifyState(count=jnp.zeros([], jnp.int32), masks=masks, inner_state=inner_state,
                          method_state=method_state)
 
@@ -300,7 +300,7 @@ def sparsify(
       # then lands it on exactly zero.
       zero = lambda k, x: x if k is None else jnp.where(k, x, jnp.zeros((), x.dtype))
       grads = jax.tree.map(zero, keep, updates, is_leaf=pytree.is_none)
-      inner_state = _zero_inactive(state.inner_state, params, keep_tree(keep, params))
+      inner_state = zero_inactive(state.inner_state, params, keep_tree(keep, params))
       sparse = jax.tree.map(zero, keep, params, is_leaf=pytree.is_none)
       new_updates, inner_state = inner.update(grads, inner_state, sparse, **extra_args)
       new_updates = _land_on_zero(keep, new_updates, params)

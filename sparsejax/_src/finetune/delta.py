@@ -1,0 +1,272 @@
+"""Sparse fine-tuning: a trainable sparse delta over frozen params, and merging deltas.
+
+`sparse_delta(inner, selector)` is an optax transformation. Its state holds,
+per fine-tuned leaf, a delta of a fixed budget of entries as (flat indices,
+values) and the inner optimizer's state over those values only, so memory is
+proportional to the trainable entries; the dense gradient at a leaf is the
+one transient dense quantity. Its updates are dense differences: after
+``params = optax.apply_updates(params, updates)`` the params are exactly
+``base + delta``, so it drops into any training loop (`optax.chain`,
+`inject_hyperparams`, `nnx.Optimizer`) like `sj.sparsify`. A `Selector`
+(SpIEL, LT-SFT, S2FT, fixed indices) chooses the support and may move it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax._src import _checks
+from sparsejax._src import pytree
+from sparsejax._src import sparsify as sparsify_lib
+from sparsejax._src import topk
+
+PyTree = Any
+
+
+class SparseDelta(NamedTuple):
+  """The delta of one leaf: ``leaf.reshape(-1)[indices] += values``.
+
+  Attributes:
+    indices: int32[k]: distinct flat indices into the leaf.
+    values: float32[k].
+  """
+
+  indices: jax.Array
+  values: jax.Array
+
+
+class Selector(NamedTuple):
+  """How a sparse delta chooses its support (its indices) and moves it.
+
+  Trees passed to the functions hold None at leaves that are not
+  fine-tuned.
+
+  Attributes:
+    init: ``init(params, allowed) -> (indices, state)``: int32[k] distinct
+      flat indices per leaf (a budget fixed by the leaf's shape) among the
+      `allowed` entries (a bool array per leaf, or None: all), and the
+      selector's own state.
+    update: ``update(deltas, grads, allowed, state, step) -> (indices,
+      state)`` or None for a fixed support: the new indices, with entries
+      that stay in the same slots (a slot whose index changes restarts at 0
+      with zero optimizer state). `grads` are the raw dense gradients.
+    should_update: ``should_update(step) -> bool`` (`sj.update_steps`).
+  """
+
+  init: Callable[[PyTree, PyTree], tuple[PyTree, Any]]
+  update: Callable[[PyTree, PyTree, PyTree, Any, jax.Array], tuple[PyTree, Any]] | None
+  should_update: Callable[[jax.Array], jax.Array]
+
+
+class SparseDeltaState(NamedTuple):
+  """State of `sparse_delta`.
+
+  Attributes:
+    count: int32 number of `update` calls so far.
+    delta: a `SparseDelta` per fine-tuned leaf, None elsewhere.
+    inner_state: the inner optimizer's state over the delta's values.
+    selector_state: the selector's own state.
+  """
+
+  count: jax.Array
+  delta: PyTree
+  inner_state: optax.OptState
+  selector_state: Any
+
+
+def _is_delta(x) -> bool:
+  return isinstance(x, SparseDelta) or x is None
+
+
+def _map(fn, delta, *trees):
+  """``fn(d, *leaves)`` at each fine-tuned leaf of `delta`, None at the others."""
+  return jax.tree.map(lambda d, *xs: None if d is None else fn(d, *xs), delta, *trees,
+                      is_leaf=_is_delta)
+
+
+def _allowed(params, flags, sparse_base):
+  """Entries a delta may hold: every one, or the base's nonzeros (None where not tuned)."""
+  leaves, treedef = pytree.flatten(params)
+  out = [(jnp.reshape(pytree.unwrap(p), -1) != 0) if f and sparse_base else None
+         for (_, p), f in zip(leaves, flags)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def _restrict(tree, flags):
+  leaves, treedef = pytree.flatten(tree)
+  return jax.tree.unflatten(treedef, [pytree.unwrap(x) if f else None
+                                      for (_, x), f in zip(leaves, flags)])
+
+
+def sparse_delta(inner: optax.GradientTransformation, selector: Selector, *,
+                 where: pytree.Where | str | Sequence[str] | None = None,
+                 sparse_base: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Fine-tunes a sparse delta over frozen params with `inner`.
+
+  Leaves that `where` selects get a delta of the selector's budget; every
+  other leaf is frozen (zero updates). With ``sparse_base=True`` the base is
+  a pruned model: its exactly-zero entries are never in a delta, so the
+  fine-tuned params and every merge of deltas keep its masks exactly.
+
+  Args:
+    inner: the optimizer of the delta's values (any optax transformation).
+    selector: a `Selector`: `spiel`, `lt_sft`, `s2ft` or `fixed`.
+    where: which leaves to fine-tune, as in `sj.sparsify` (default: floating
+      leaves with ndim >= 2).
+    sparse_base: keep the base's zeros at zero.
+
+  Returns:
+    an `optax.GradientTransformationExtraArgs` whose state is a
+    `SparseDeltaState`; its `update` requires `params`.
+
+  Example:
+    >>> tx = sj.finetune.sparse_delta(optax.adamw(1e-3), sj.finetune.spiel(
+    ...     0.03, update_every=50, key=jax.random.key(0)))
+    >>> state = tx.init(base)
+    >>> updates, state = tx.update(grads, state, params)      # params = base + delta
+    >>> params = optax.apply_updates(params, updates)
+    >>> merged = sj.finetune.merge(base, sj.finetune.get_delta(state))  # == params
+  """
+  if not isinstance(selector, Selector):
+    raise ValueError(f"selector must be a sj.finetune.Selector (e.g. sj.finetune.spiel(0.03, "
+                     f"...)), got {type(selector).__name__}")
+  if not isinstance(sparse_base, bool):
+    raise ValueError(f"sparse_base must be a Python bool, got {sparse_base!r}")
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    flags = pytree.where_flags(params, where)
+    indices, selector_state = selector.init(_restrict(params, flags),
+                                            _allowed(params, flags, sparse_base))
+    delta = jax.tree.map(lambda i: None if i is None else SparseDelta(
+        jnp.asarray(i, jnp.int32), jnp.zeros(jnp.shape(i), jnp.float32)), indices,
+                         is_leaf=pytree.is_none)
+    values = _map(lambda d: d.values, delta)
+    return SparseDeltaState(jnp.zeros((), jnp.int32), delta, inner.init(values), selector_state)
+
+  def update(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("sparse_delta's update needs params (the base plus the delta)")
+    delta = state.delta
+    leaf_grads = _map(lambda d, g: pytree.unwrap(g), delta, grads)
+    values = _map(lambda d: d.values, delta)
+    picked = _map(lambda d, g: jnp.reshape(g, -1)[d.indices].astype(jnp.float32), delta,
+                  leaf_grads)
+    if sparse_base:  # a slot on a zero of the base that holds nothing is frozen at zero
+      live = _map(lambda d, p: (jnp.reshape(pytree.unwrap(p), -1)[d.indices] != 0)
+                  | (d.values != 0), delta, params)
+      picked = _map(lambda d, g, ok: jnp.where(ok, g, 0.0), delta, picked, live)
+    steps, inner_state = inner.update(picked, state.inner_state, values, **extra_args)
+    new = _map(lambda d, u: SparseDelta(d.indices, d.values + u), delta, steps)
+    if sparse_base:
+      new = _map(lambda d, ok: SparseDelta(d.indices, jnp.where(ok, d.values, 0.0)), new, live)
+    step = state.count + 1
+    selector_state = state.selector_state
+    if selector.update is not None:
+      # The base's zeros stay out: entries that are zero now and not in the delta.
+      allowed = _map(lambda d, p: (jnp.reshape(pytree.unwrap(p), -1) != 0).at[d.indices].set(
+          True) if sparse_base else None, delta, params)
+
+      def move(args):
+        new, inner_state, selector_state = args
+        indices, selector_state = selector.update(new, leaf_grads, allowed, selector_state, step)
+        kept = _map(lambda d, i: d.indices == i, new, indices)
+        new = _map(lambda d, i, k: SparseDelta(i, jnp.where(k, d.values, 0.0)), new, indices,
+                   kept)
+        inner_state = sparsify_lib.zero_inactive(inner_state, values, kept)
+        return new, inner_state, selector_state
+
+      new, inner_state, selector_state = jax.lax.cond(
+          selector.should_update(step), move, lambda args: args,
+          (new, inner_state, selector_state))
+    updates = jax.tree.map(
+        lambda old, d, g: jnp.zeros_like(g) if old is None else (
+            _dense(jnp.shape(g), d) - _dense(jnp.shape(g), old)).astype(jnp.result_type(g)),
+        delta, new, grads, is_leaf=_is_delta)
+    return updates, SparseDeltaState(step, new, inner_state, selector_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _dense(shape, delta: SparseDelta) -> jax.Array:
+  size = 1
+  for s in shape:
+    size *= s
+  return jnp.zeros((size,), jnp.float32).at[delta.indices].add(delta.values).reshape(shape)
+
+
+def get_delta(state: optax.OptState) -> PyTree:
+  """The delta (a `SparseDelta` per fine-tuned leaf, None elsewhere) in an optimizer state."""
+  is_state = lambda x: isinstance(x, SparseDeltaState)  # noqa: E731
+  found = [s.delta for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
+  if len(found) != 1:
+    raise ValueError(f"expected one sparse_delta state in the optimizer state, found "
+                     f"{len(found)}")
+  return found[0]
+
+
+def merge(base: PyTree, *deltas: PyTree, weights=None) -> PyTree:
+  """``base + sum_i weights[i] * deltas[i]``: an exported model, or several task deltas merged.
+
+  Entries no delta holds keep the base's values exactly, so a sparse base
+  (fine-tuned with ``sparse_base=True``) keeps its zeros.
+
+  Args:
+    base: the params the deltas were trained over.
+    *deltas: from `get_delta`, each with the base's tree structure.
+    weights: one float per delta (default 1 each: the sum).
+
+  Example:
+    >>> model = sj.finetune.merge(base, sj.finetune.get_delta(state))
+    >>> both = sj.finetune.merge(base, delta_a, delta_b, weights=(0.5, 0.5))
+  """
+  weights = (1.0,) * len(deltas) if weights is None else tuple(weights)
+  if len(weights) != len(deltas):
+    raise ValueError(f"weights has {len(weights)} entries for {len(deltas)} deltas")
+  leaves, treedef = pytree.flatten(base)
+  out = [p for _, p in leaves]
+  for n, (delta, w) in enumerate(zip(deltas, weights)):
+    parts = jax.tree.leaves(delta, is_leaf=_is_delta)
+    if len(parts) != len(leaves):
+      raise ValueError(f"deltas[{n}] has {len(parts)} leaves, base has {len(leaves)}: a delta "
+                       f"from another model?")
+    for i, ((path, p), d) in enumerate(zip(leaves, parts)):
+      if d is None:
+        continue
+      if not isinstance(d, SparseDelta):
+        raise ValueError(f"deltas[{n}] at {pytree.describe(path)} is {type(d).__name__}, "
+                         f"expected a SparseDelta or None")
+      size = int(jnp.size(p))
+      if d.indices.ndim != 1 or (_checks.is_concrete(d.indices) and d.indices.size and (
+          int(d.indices.max()) >= size or int(d.indices.min()) < 0)):
+        raise ValueError(f"deltas[{n}] at {pytree.describe(path)} indexes outside the leaf of "
+                         f"{size} entries (shape {jnp.shape(p)}): a delta from another model?")
+      out[i] = (out[i] + w * _dense(jnp.shape(p), d)).astype(jnp.result_type(p))
+  return jax.tree.unflatten(treedef, out)
+
+
+def state_bytes(state: optax.OptState) -> int:
+  """Bytes of every array in an optimizer state."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+
+
+def budget(density: float, size: int) -> int:
+  """Entries of a leaf of `size` entries a delta of `density` holds (at least 1)."""
+  return max(1, round(density * size))
+
+
+def top_indices(scores: jax.Array, k: int) -> jax.Array:
+  """int32[k]: the flat indices of the `k` largest `scores` (exact top-k, ascending)."""
+  chosen = topk.topk_mask(jnp.reshape(scores, -1), k)
+  return jnp.nonzero(chosen, size=k, fill_value=0)[0].astype(jnp.int32)
+
+
+def check_density(density: Any, owner: str) -> float:
+  if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+    raise ValueError(f"{owner}: density={density!r} must be a float in (0, 1]")
+  return float(density)
