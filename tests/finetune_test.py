@@ -211,3 +211,46 @@ def test_bad_input():
     ft.sparse_delta(optax.sgd(1.0), ft.fixed(
         {"hidden": {"kernel": jnp.array([0, 0]), "bias": None},
          "out": {"kernel": jnp.array([1])}})).init(base)
+
+
+def test_sparse_plus_low_rank_trains_both_parts_by_their_gradients():
+  base, loss = problem(6)
+  tx = ft.sparse_delta(optax.sgd(0.3), ft.s2ft(0.1, key=jax.random.key(1)), rank=2,
+                       key=jax.random.key(2))
+  state = tx.init(base)
+  d0 = ft.get_delta(state)["out"]["kernel"]
+  assert d0.a.shape == (24, 2) and d0.b.shape == (2, 8) and not np.any(np.asarray(d0.b))
+  # The parts' gradients are those of the loss through base + delta.
+  params = ft.merge(base, ft.get_delta(state))
+  np.testing.assert_array_equal(params["out"]["kernel"], base["out"]["kernel"])  # starts at 0
+  want = jax.grad(lambda a, b: loss({**params, "out": {"kernel": params["out"]["kernel"]
+                                                                + a @ b}}),
+                  argnums=(0, 1))(jnp.zeros_like(d0.a) + d0.a, d0.b)
+  _, state = tx.update(jax.grad(loss)(params), state, params)
+  d1 = ft.get_delta(state)["out"]["kernel"]
+  np.testing.assert_allclose(d1.a - d0.a, -0.3 * want[0], atol=1e-6)
+  np.testing.assert_allclose(d1.b - d0.b, -0.3 * want[1], atol=1e-6)
+  assert np.any(np.asarray(d1.b))
+  params, state, _ = train(tx, base, loss, steps=4)
+  np.testing.assert_allclose(ft.merge(base, ft.get_delta(state))["out"]["kernel"],
+                             params["out"]["kernel"], atol=1e-5)
+  with pytest.raises(ValueError, match="cannot keep a sparse base's zeros"):
+    ft.sparse_delta(optax.sgd(0.1), ft.s2ft(0.1, key=jax.random.key(1)), rank=2,
+                    key=jax.random.key(2), sparse_base=True)
+
+
+def test_state_saves_and_restores_with_orbax(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  base, loss = problem(7)
+  tx = ft.sparse_delta(optax.adam(1e-2), ft.spiel(0.1, update_every=2, key=jax.random.key(0)))
+  params, state, _ = train(tx, base, loss, steps=3)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "state", state)
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  grads = jax.grad(loss)(params)
+  want, _ = tx.update(grads, state, params)
+  got, _ = tx.update(grads, restored, params)
+  np.testing.assert_array_equal(got["out"]["kernel"], want["out"]["kernel"])

@@ -29,15 +29,20 @@ PyTree = Any
 
 
 class SparseDelta(NamedTuple):
-  """The delta of one leaf: ``leaf.reshape(-1)[indices] += values``.
+  """The delta of one leaf: ``leaf.reshape(-1)[indices] += values``, plus ``a @ b``.
 
   Attributes:
     indices: int32[k]: distinct flat indices into the leaf.
     values: float32[k].
+    a, b: float32[m, rank] and [rank, n], a low-rank term added to the leaf
+      viewed as [m, n] (its last axis is n), or None (`sparse_delta`'s
+      ``rank=0``).
   """
 
   indices: jax.Array
   values: jax.Array
+  a: jax.Array | None = None
+  b: jax.Array | None = None
 
 
 class Selector(NamedTuple):
@@ -105,7 +110,8 @@ def _restrict(tree, flags):
 
 def sparse_delta(inner: optax.GradientTransformation, selector: Selector, *,
                  where: pytree.Where | str | Sequence[str] | None = None,
-                 sparse_base: bool = False) -> optax.GradientTransformationExtraArgs:
+                 sparse_base: bool = False, rank: int = 0,
+                 key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
   """Fine-tunes a sparse delta over frozen params with `inner`.
 
   Leaves that `where` selects get a delta of the selector's budget; every
@@ -119,6 +125,12 @@ def sparse_delta(inner: optax.GradientTransformation, selector: Selector, *,
     where: which leaves to fine-tune, as in `sj.sparsify` (default: floating
       leaves with ndim >= 2).
     sparse_base: keep the base's zeros at zero.
+    rank: with ``rank > 0`` each fine-tuned leaf's delta also has a low-rank
+      term ``a @ b`` (sparse plus low-rank: DSEE, Chen et al. 2021,
+      arXiv:2111.00160; SLTrain, Han et al. 2024, arXiv:2406.02214), `a`
+      random (scaled ``1/sqrt(m)``) and `b` zero, so the delta starts at 0.
+      It writes every entry, so it cannot keep a sparse base's zeros.
+    key: for the low-rank term's `a` (needed when ``rank > 0``).
 
   Returns:
     an `optax.GradientTransformationExtraArgs` whose state is a
@@ -137,34 +149,52 @@ def sparse_delta(inner: optax.GradientTransformation, selector: Selector, *,
                      f"...)), got {type(selector).__name__}")
   if not isinstance(sparse_base, bool):
     raise ValueError(f"sparse_base must be a Python bool, got {sparse_base!r}")
+  _checks.static_int("rank", rank, minimum=0)
+  if rank and sparse_base:
+    raise ValueError("rank > 0 adds a low-rank term, which writes every entry: it cannot keep "
+                     "a sparse base's zeros (sparse_base=True); use rank=0 there")
+  if rank:
+    _checks.key(key)
   inner = optax.with_extra_args_support(inner)
 
   def init(params):
     flags = pytree.where_flags(params, where)
-    indices, selector_state = selector.init(_restrict(params, flags),
-                                            _allowed(params, flags, sparse_base))
-    delta = jax.tree.map(lambda i: None if i is None else SparseDelta(
-        jnp.asarray(i, jnp.int32), jnp.zeros(jnp.shape(i), jnp.float32)), indices,
-                         is_leaf=pytree.is_none)
-    values = _map(lambda d: d.values, delta)
-    return SparseDeltaState(jnp.zeros((), jnp.int32), delta, inner.init(values), selector_state)
+    tuned = _restrict(params, flags)
+    indices, selector_state = selector.init(tuned, _allowed(params, flags, sparse_base))
+    leaves = jax.tree.leaves(tuned)
+    keys = iter(jax.random.split(key, max(len(leaves), 1)) if rank else [None] * len(leaves))
+
+    def start(i, p):
+      if i is None:
+        return None
+      d = SparseDelta(jnp.asarray(i, jnp.int32), jnp.zeros(jnp.shape(i), jnp.float32))
+      if not rank:
+        return d
+      m, n = p.size // p.shape[-1], p.shape[-1]
+      a = jax.random.normal(next(keys), (m, rank), jnp.float32) / m ** 0.5
+      return d._replace(a=a, b=jnp.zeros((rank, n), jnp.float32))
+
+    delta = jax.tree.map(start, indices, tuned, is_leaf=pytree.is_none)
+    return SparseDeltaState(jnp.zeros((), jnp.int32), delta, inner.init(_trained(delta)),
+                            selector_state)
 
   def update(grads, state, params=None, **extra_args):
     if params is None:
       raise ValueError("sparse_delta's update needs params (the base plus the delta)")
     delta = state.delta
     leaf_grads = _map(lambda d, g: pytree.unwrap(g), delta, grads)
-    values = _map(lambda d: d.values, delta)
-    picked = _map(lambda d, g: jnp.reshape(g, -1)[d.indices].astype(jnp.float32), delta,
-                  leaf_grads)
+    values = _trained(delta)
+    picked = _map(_gathered, delta, leaf_grads)
     if sparse_base:  # a slot on a zero of the base that holds nothing is frozen at zero
       live = _map(lambda d, p: (jnp.reshape(pytree.unwrap(p), -1)[d.indices] != 0)
                   | (d.values != 0), delta, params)
-      picked = _map(lambda d, g, ok: jnp.where(ok, g, 0.0), delta, picked, live)
+      picked = _map(lambda d, g, ok: g._replace(values=jnp.where(ok, g.values, 0.0)), delta,
+                    picked, live)
     steps, inner_state = inner.update(picked, state.inner_state, values, **extra_args)
-    new = _map(lambda d, u: SparseDelta(d.indices, d.values + u), delta, steps)
+    new = _map(lambda d, u: d._replace(values=d.values + u.values, a=_add(d.a, u.a),
+                                       b=_add(d.b, u.b)), delta, steps)
     if sparse_base:
-      new = _map(lambda d, ok: SparseDelta(d.indices, jnp.where(ok, d.values, 0.0)), new, live)
+      new = _map(lambda d, ok: d._replace(values=jnp.where(ok, d.values, 0.0)), new, live)
     step = state.count + 1
     selector_state = state.selector_state
     if selector.update is not None:
@@ -176,9 +206,11 @@ def sparse_delta(inner: optax.GradientTransformation, selector: Selector, *,
         new, inner_state, selector_state = args
         indices, selector_state = selector.update(new, leaf_grads, allowed, selector_state, step)
         kept = _map(lambda d, i: d.indices == i, new, indices)
-        new = _map(lambda d, i, k: SparseDelta(i, jnp.where(k, d.values, 0.0)), new, indices,
-                   kept)
-        inner_state = sparsify_lib.zero_inactive(inner_state, values, kept)
+        new = _map(lambda d, i, k: d._replace(indices=i, values=jnp.where(k, d.values, 0.0)),
+                   new, indices, kept)
+        keep = _map(lambda d, k: SparseDelta(None, k, None if d.a is None else True,
+                                             None if d.b is None else True), new, kept)
+        inner_state = sparsify_lib.zero_inactive(inner_state, values, keep)
         return new, inner_state, selector_state
 
       new, inner_state, selector_state = jax.lax.cond(
@@ -193,11 +225,31 @@ def sparse_delta(inner: optax.GradientTransformation, selector: Selector, *,
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+def _trained(delta):
+  """What the inner optimizer trains: each delta without its indices."""
+  return _map(lambda d: d._replace(indices=None), delta)
+
+
+def _gathered(d: SparseDelta, g: jax.Array) -> SparseDelta:
+  """The gradient of a delta's trained parts from the dense gradient `g` of its leaf."""
+  g = g.astype(jnp.float32)
+  values = jnp.reshape(g, -1)[d.indices]
+  if d.a is None:
+    return SparseDelta(None, values)
+  g = g.reshape(d.a.shape[0], d.b.shape[1])
+  return SparseDelta(None, values, g @ d.b.T, d.a.T @ g)
+
+
+def _add(x, u):
+  return None if x is None else x + u
+
+
 def _dense(shape, delta: SparseDelta) -> jax.Array:
   size = 1
   for s in shape:
     size *= s
-  return jnp.zeros((size,), jnp.float32).at[delta.indices].add(delta.values).reshape(shape)
+  out = jnp.zeros((size,), jnp.float32).at[delta.indices].add(delta.values).reshape(shape)
+  return out if delta.a is None else out + (delta.a @ delta.b).reshape(shape)
 
 
 def get_delta(state: optax.OptState) -> PyTree:
