@@ -105,3 +105,17 @@ def test_serving_block_runs(capsys):
   assert 0 < kept < 0.2 and 0 < recall <= 1
   cache = scope["cache"]
   assert int(cache.dropped.sum()) == 0 and int((cache.page_table >= 0).sum(-1).max()) <= 12
+
+
+def test_finetune_block_runs(capsys):
+  readme = (ROOT / "README.md").read_text()
+  code = re.search(r"```python\n(.*?)```", readme.split("<!-- finetune")[1], re.S).group(1)
+  scope = {}
+  with jax.numpy_rank_promotion("allow"):  # user code broadcasts biases
+    exec(compile(code, "README finetune", "exec"), scope)  # pylint: disable=exec-used
+    loss, base, params = scope["loss"], scope["base"], scope["params"]
+    assert float(loss(params)) < float(loss(base))
+  ours, adam = (int(x) for x in capsys.readouterr().out.split())
+  assert ours < adam / 10
+  np.testing.assert_allclose(scope["merged"]["w"], params["w"], atol=1e-5)
+  assert int((params["w"] != base["w"]).sum()) <= 2 * round(0.03 * 256 * 128)
