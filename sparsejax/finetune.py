@@ -7,7 +7,8 @@ them). Merging adds deltas to the base; over a pruned base
 (``sparse_base=True``) pruned entries stay exactly zero.
 
 Example (see `sparse_delta` for a training step):
-  >>> tx = sj.finetune.sparse_delta(optax.adamw(1e-3), sj.finetune.lt_sft(tuned, 0.03))
+  >>> tx = sj.finetune.sparse_delta(optax.adamw(1e-3), sj.finetune.lt_sft(
+  ...     0.03, finetuned=tuned))
   >>> both = sj.finetune.merge(base, delta_a, delta_b, weights=(0.5, 0.5))
 """
 

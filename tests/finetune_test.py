@@ -32,7 +32,7 @@ def selectors(base):
   tuned = jax.tree.map(lambda a: a + 0.01 * jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)
                        % 0.3, base)
   return {"spiel": ft.spiel(0.1, update_every=3, key=jax.random.key(0)),
-          "lt_sft": ft.lt_sft(tuned, 0.1),
+          "lt_sft": ft.lt_sft(0.1, finetuned=tuned),
           "s2ft": ft.s2ft(0.1, key=jax.random.key(1)),
           "fixed": ft.fixed({"hidden": {"kernel": jnp.arange(0, 768, 7), "bias": None},
                              "out": {"kernel": jnp.arange(5, 192, 3)}})}
@@ -204,7 +204,7 @@ def test_bad_input():
     ft.merge(small, delta)
   with pytest.raises(ValueError, match=r"finetuned at params\['out'\]\['kernel'\] has shape"):
     ft.sparse_delta(optax.sgd(1.0), ft.lt_sft(
-        {**base, "out": {"kernel": jnp.ones((3, 3))}}, 0.1)).init(base)
+        0.1, finetuned={**base, "out": {"kernel": jnp.ones((3, 3))}})).init(base)
   with pytest.raises(ValueError, match=r"s2ft: axis=3 is outside params\['hidden'\]\['kernel'\]"):
     ft.sparse_delta(optax.sgd(1.0), ft.s2ft(0.1, key=jax.random.key(0), axis=3)).init(base)
   with pytest.raises(ValueError, match="indices at params"):

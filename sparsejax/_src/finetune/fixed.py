@@ -55,7 +55,7 @@ def fixed(indices: Any) -> delta_lib.Selector:
   return delta_lib.Selector(init, None, _never)
 
 
-def lt_sft(finetuned: Any, density: float) -> delta_lib.Selector:
+def lt_sft(density: float, *, finetuned: Any) -> delta_lib.Selector:
   """LT-SFT: the entries that moved most in a full fine-tune, retrained from the base.
 
   Run a short full fine-tune first; this keeps per leaf the `density` share
@@ -63,11 +63,11 @@ def lt_sft(finetuned: Any, density: float) -> delta_lib.Selector:
   ones) as a fixed support, and the delta starts at 0 over the base.
 
   Args:
-    finetuned: the params after the full fine-tune (the base's structure).
     density: share of each leaf's entries kept, in (0, 1].
+    finetuned: the params after the full fine-tune (the base's structure).
 
   Example:
-    >>> selector = sj.finetune.lt_sft(fully_tuned, 0.03)
+    >>> selector = sj.finetune.lt_sft(0.03, finetuned=fully_tuned)
     >>> tx = sj.finetune.sparse_delta(optax.adamw(1e-3), selector)
   """
   density = delta_lib.check_density(density, "lt_sft")
