@@ -200,3 +200,25 @@ def test_generate_lm_decodes_every_pattern(tmp_path):
   assert rows["topk_pages"][3] == rows["dense"][3] and rows["topk_pages"][5] == "2"
   assert 0 < float(rows["topk_pages"][6]) <= 1  # page recall
   assert (tmp_path / "loss_kv.png").stat().st_size > 1000
+
+
+def test_finetune_prints_every_method_and_the_merges(tmp_path):
+  out = run_example("finetune.py", "--pretrain_steps=60", "--steps=20",
+                    f"--plot_path={tmp_path / 'ft.png'}", cwd=tmp_path)
+  cells = [l.strip("| ").split(" | ") for l in out.splitlines() if l.startswith("| ")]
+  rows = {c[0]: c for c in cells if c[0] not in ("method", "model", "---")}
+  methods = ["full", "lora", "spiel", "lt_sft", "s2ft", "sparse_lowrank"]
+  merges = [f"{kind} {what}" for kind in ("spiel", "full") for what in (
+      "0-4 delta" if kind == "spiel" else "0-4 task vector",
+      "5-9 delta" if kind == "spiel" else "5-9 task vector", "sum", "average")]
+  assert list(rows) == methods + ["base"] + merges, out
+  for name in methods:
+    assert all(0 <= float(a) <= 1 for a in rows[name][3:5]), rows[name]
+  for name in list(rows)[len(methods):]:
+    assert all(0 <= float(a) <= 1 for a in rows[name][1:3]), rows[name]
+  # A budget of 3% of the kernels: optimizer state far below full fine-tuning's.
+  full_bytes = int(rows["full"][5])
+  for name in methods[1:]:
+    assert int(rows[name][5]) < 0.1 * full_bytes, rows[name]
+    assert 2 <= float(rows[name][2]) <= 3.5, rows[name]  # % of the kernels trained
+  assert (tmp_path / "ft.png").stat().st_size > 1000
