@@ -2,6 +2,7 @@
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -110,3 +111,19 @@ def sparse_view(model, optimizer, straight_through):
     return model
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return nnx.merge(graphdef, sj.sparse_params(params, optimizer.opt_state), rest)
+
+
+def init_mlp(key, sizes):
+  """He-initialized MLP params {"layer{i}": {"kernel", "bias"}} for layer `sizes`."""
+  keys = jax.random.split(key, len(sizes) - 1)
+  return {f"layer{i}": {"kernel": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a),
+                        "bias": jnp.zeros(b)}
+          for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+
+def mlp_logits(params, x):
+  """The MLP of `init_mlp`: ReLU between layers, logits out."""
+  *hidden, head = params.values()
+  for layer in hidden:
+    x = jax.nn.relu(x @ layer["kernel"] + layer["bias"][None])
+  return x @ head["kernel"] + head["bias"][None]

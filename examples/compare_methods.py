@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 import sparsejax as sj
-from _common import ESTIMATORS, load_data, make_method, METHODS  # pylint: disable=g-multiple-import
+from _common import ESTIMATORS, METHODS  # pylint: disable=g-multiple-import
+from _common import init_mlp, load_data, make_method, mlp_logits  # pylint: disable=g-multiple-import
 
 _SPARSE = [m for m in METHODS if m not in ("dense", "n_m")]
 _METHODS = flags.DEFINE_list("methods", _SPARSE, "Sparse methods to compare.")
@@ -40,21 +41,6 @@ _OUTPUT = flags.DEFINE_string("output", "compare_methods", "Writes OUTPUT.md and
 _SIZES = (64, 256, 128, 10)  # an MLP on 8x8 digits; 8 divides every fan-in for 1:8
 
 
-def init_params(key):
-  keys = jax.random.split(key, len(_SIZES) - 1)
-  return {f"layer{i}": {"kernel": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a),
-                        "bias": jnp.zeros(b)}
-          for i, (k, a, b) in enumerate(zip(keys, _SIZES[:-1], _SIZES[1:]))}
-
-
-def logits_fn(params, x):
-  for i in range(len(_SIZES) - 1):
-    layer = params[f"layer{i}"]
-    x = x @ layer["kernel"] + layer["bias"][None]
-    x = jax.nn.relu(x) if i < len(_SIZES) - 2 else x
-  return x
-
-
 def make_run(name, sparsity, data, total_steps, n_m=(2, 4, "sr_ste")):
   """One jitted program: train every seed in turn, return test accuracies."""
   x_train, y_train, x_test, y_test = data
@@ -67,7 +53,7 @@ def make_run(name, sparsity, data, total_steps, n_m=(2, 4, "sr_ste")):
     if name != "dense":
       tx = sj.sparsify(tx, make_method(name, sparsity, _DISTRIBUTION.value, total_steps,
                                        jax.random.fold_in(key, 1), n_m=n_m))
-    params = init_params(jax.random.fold_in(key, 0))
+    params = init_mlp(jax.random.fold_in(key, 0), _SIZES)
     state = tx.init(params)
     if name != "dense" and not straight_through:
       params = sj.apply_masks(params, sj.get_masks(state))
@@ -81,7 +67,7 @@ def make_run(name, sparsity, data, total_steps, n_m=(2, 4, "sr_ste")):
         if straight_through:  # dense shadow weights, masked in the forward pass
           p = sj.apply_masks(p, sj.get_masks(state), ste=True)
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits_fn(p, x_train[idx]), y_train[idx]).mean()
+            mlp_logits(p, x_train[idx]), y_train[idx]).mean()
 
       updates, state = tx.update(jax.grad(loss)(params), state, params)
       return optax.apply_updates(params, updates), state
@@ -89,7 +75,7 @@ def make_run(name, sparsity, data, total_steps, n_m=(2, 4, "sr_ste")):
     params, state = jax.lax.fori_loop(0, total_steps, step, (params, state))
     if straight_through:
       params = sj.sparse_params(params, state)
-    return jnp.mean(jnp.argmax(logits_fn(params, x_test), -1) == y_test)
+    return jnp.mean(jnp.argmax(mlp_logits(params, x_test), -1) == y_test)
 
   # lax.map runs the seeds one after the other: under vmap, the mask-update
   # lax.cond would run its branch at every step.

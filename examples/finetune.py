@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 import sparsejax as sj
-from _common import load_data
+from _common import init_mlp, load_data, mlp_logits  # pylint: disable=g-multiple-import
 
 METHODS = ("full", "lora", "spiel", "lt_sft", "s2ft", "sparse_lowrank")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Fine-tuning methods, of {METHODS}.")
@@ -55,23 +55,9 @@ _PLOT_PATH = flags.DEFINE_string("plot_path", "finetune.png", "PNG to write ('' 
 _SIZES = (64, 256, 256, 10)
 
 
-def init_params(key):
-  keys = jax.random.split(key, len(_SIZES) - 1)
-  return {f"layer{i}": {"kernel": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a),
-                        "bias": jnp.zeros(b)}
-          for i, (k, a, b) in enumerate(zip(keys, _SIZES[:-1], _SIZES[1:]))}
-
-
-def logits_fn(params, x):
-  *hidden, head = params.values()
-  for layer in hidden:
-    x = jax.nn.relu(x @ layer["kernel"] + layer["bias"])
-  return x @ head["kernel"] + head["bias"]
-
-
 @jax.jit
 def accuracy(params, x, y):
-  return jnp.mean(jnp.argmax(logits_fn(params, x), -1) == y)
+  return jnp.mean(jnp.argmax(mlp_logits(params, x), -1) == y)
 
 
 def train(tx, trainable, batches, to_params=lambda t: t):
@@ -83,7 +69,7 @@ def train(tx, trainable, batches, to_params=lambda t: t):
   def step(carry, batch):
     trainable, state = carry
     loss = lambda t: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-        logits_fn(to_params(t), batch[0]), batch[1]).mean()
+        mlp_logits(to_params(t), batch[0]), batch[1]).mean()
     updates, state = tx.update(jax.grad(loss)(trainable), state, trainable)
     return (optax.apply_updates(trainable, updates), state), None
 
@@ -181,7 +167,7 @@ def main(argv):
   tune_key = jax.random.fold_in(key, 1)
   start = time.perf_counter()
 
-  base, _ = train(optax.adam(_LEARNING_RATE.value), init_params(key),
+  base, _ = train(optax.adam(_LEARNING_RATE.value), init_mlp(key, _SIZES),
                   task_batches(x_train[old], y_train[old], _PRETRAIN_STEPS.value, _SEED.value))
   kernels = sum(layer["kernel"].size for layer in base.values())
   print(f"base (pretrained on 0-4 for {_PRETRAIN_STEPS.value} steps): 5-9 acc "
