@@ -61,7 +61,7 @@ from sparsejax._src.topk import topk_mask as topk_mask
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("attention", "finetune", "matmul", "nn", "prune")
+_SUBMODULES = ("activations", "attention", "finetune", "matmul", "nn", "prune")
 
 
 def __getattr__(name):
@@ -88,6 +88,7 @@ __all__ = (
     "Uniform",
     "UpdateContext",
     "apply_masks",
+    "activations",
     "attention",
     "calibrate",
     "cubic_schedule",
