@@ -133,3 +133,23 @@ def n_m(n: Any, m: Any) -> None:
     ok = False
   if not ok or not 0 <= int(n) <= m:
     raise ValueError(f"n={n!r} must be an integer with 0 <= n <= m={m}")
+
+
+def floating_array(name: str, x: Any) -> None:
+  """`x` an array of a floating dtype."""
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got "
+                     f"{getattr(x, 'dtype', type(x).__name__)}")
+
+
+def density(value: Any, owner: str) -> float:
+  """A density in (0, 1]: the share of entries kept or trained; returns it as a float."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    raise ValueError(f"{owner}: density={value!r} must be a float in (0, 1]")
+  return float(value)
+
+
+def vmem_limit(value: Any) -> None:
+  """A Mosaic TPU scoped-VMEM limit: None or an int >= 1."""
+  if value is not None and (not is_int(value) or value < 1):
+    raise ValueError(f"vmem_limit_bytes={value!r} must be an integer >= 1 or None")

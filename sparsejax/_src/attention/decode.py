@@ -65,9 +65,7 @@ _SCORES_PER_SPLIT = 1 << 24  # "xla" splits the cache when the scores would be l
 def _check(q, k_cache, v_cache, lengths, page_table, pages, mask, num_splits):
   """Validates the arguments of `decode_attention`."""
   for name, x in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]:
-    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a floating-point array, got "
-                       f"{getattr(x, 'dtype', type(x).__name__)}")
+    _checks.floating_array(name, x)
   for name, x in [("lengths", lengths), ("page_table", page_table), ("pages", pages)]:
     if x is not None and not hasattr(x, "dtype"):
       raise ValueError(f"{name} must be an int array, got {type(x).__name__}")

@@ -76,9 +76,7 @@ def _validate_args(k_pool: jax.Array, block_sizes: BlockSizes):
                      f"kernel when pages hold several KV heads (a 2-d page_table or a contiguous "
                      f"cache); keep pages of one KV head each (a 3-d page_table, as sja.KVCache "
                      f"does) or use implementation=\"xla\"")
-  limit = block_sizes.vmem_limit_bytes
-  if limit is not None and (not _checks.is_int(limit) or limit < 1):
-    raise ValueError(f"vmem_limit_bytes={limit!r} must be an integer >= 1 or None")
+  _checks.vmem_limit(block_sizes.vmem_limit_bytes)
 
 
 def _kernel(lengths_ref, start_ref, stop_ref, phys_ref, logical_ref, head_ref, *refs, sm_scale,

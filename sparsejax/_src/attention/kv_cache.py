@@ -157,9 +157,7 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"cache must be a sja.KVCache (sja.init_cache), got {type(cache).__name__}")
   batch, kv_heads, _ = cache.page_table.shape
   for name, x in [("k", k), ("v", v)]:
-    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a floating-point array, got "
-                       f"{getattr(x, 'dtype', type(x).__name__)}")
+    _checks.floating_array(name, x)
   if k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != (
       kv_heads, cache.k.shape[2]):
     raise ValueError(f"k and v must be [batch={batch}, new_tokens, kv_heads={kv_heads}, "

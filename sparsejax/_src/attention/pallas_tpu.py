@@ -80,9 +80,7 @@ def _validate_args(layout: layout_lib.Layout, block_sizes: BlockSizes):
     if size % _LANES:
       raise ValueError(f"layout.{name}={size} must be a multiple of {_LANES} for the TPU "
                        f"kernel; make the layout with {name}=128 or a multiple")
-  limit = block_sizes.vmem_limit_bytes
-  if limit is not None and (not _checks.is_int(limit) or limit < 1):
-    raise ValueError(f"vmem_limit_bytes={limit!r} must be an integer >= 1 or None")
+  _checks.vmem_limit(block_sizes.vmem_limit_bytes)
 
 
 def _flat_meta(layout: layout_lib.Layout, batch: int, transposed: bool):

@@ -317,8 +317,3 @@ def top_indices(scores: jax.Array, k: int) -> jax.Array:
   chosen = topk.topk_mask(jnp.reshape(scores, -1), k)
   return jnp.nonzero(chosen, size=k, fill_value=0)[0].astype(jnp.int32)
 
-
-def check_density(density: Any, owner: str) -> float:
-  if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-    raise ValueError(f"{owner}: density={density!r} must be a float in (0, 1]")
-  return float(density)

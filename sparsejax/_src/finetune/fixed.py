@@ -70,7 +70,7 @@ def lt_sft(density: float, *, finetuned: Any) -> delta_lib.Selector:
     >>> selector = sj.finetune.lt_sft(0.03, finetuned=fully_tuned)
     >>> tx = sj.finetune.sparse_delta(optax.adamw(1e-3), selector)
   """
-  density = delta_lib.check_density(density, "lt_sft")
+  density = _checks.density(density, "lt_sft")
 
   def init(params, allowed):
     leaves, treedef = pytree.flatten(params)
@@ -107,7 +107,7 @@ def s2ft(density: float, *, key: jax.Array, axis: int = -1) -> delta_lib.Selecto
   Example:
     >>> selector = sj.finetune.s2ft(0.03, key=jax.random.key(0))
   """
-  density = delta_lib.check_density(density, "s2ft")
+  density = _checks.density(density, "s2ft")
   _checks.key(key)
   _checks.static_int("axis", axis)
 

@@ -42,7 +42,7 @@ def spiel(density: float, *, update_every: int, key: jax.Array, drop_fraction: A
     >>> tx = sj.finetune.sparse_delta(optax.adamw(1e-3), sj.finetune.spiel(
     ...     0.03, update_every=50, key=jax.random.key(0)))
   """
-  density = delta_lib.check_density(density, "spiel")
+  density = _checks.density(density, "spiel")
   _checks.key(key)
   fraction = schedules.drop_fraction_schedule(drop_fraction, 0.3, begin_step, end_step)
   should_update = schedules.update_steps(update_every=update_every, begin_step=begin_step,
