@@ -231,6 +231,16 @@ def test_sparse_plus_low_rank_trains_both_parts_by_their_gradients():
   np.testing.assert_allclose(d1.a - d0.a, -0.3 * want[0], atol=1e-6)
   np.testing.assert_allclose(d1.b - d0.b, -0.3 * want[1], atol=1e-6)
   assert np.any(np.asarray(d1.b))
+  # Once b is nonzero, a's gradient is too: check the second step against autodiff.
+  params = ft.merge(base, ft.get_delta(state))
+  dense = params["out"]["kernel"] - d1.a @ d1.b
+  want = jax.grad(lambda a, b: loss({**params, "out": {"kernel": dense + a @ b}}),
+                  argnums=(0, 1))(d1.a, d1.b)
+  assert float(jnp.abs(want[0]).max()) > 1e-4
+  _, state = tx.update(jax.grad(loss)(params), state, params)
+  d2 = ft.get_delta(state)["out"]["kernel"]
+  np.testing.assert_allclose(d2.a - d1.a, -0.3 * want[0], atol=1e-6)
+  np.testing.assert_allclose(d2.b - d1.b, -0.3 * want[1], atol=1e-6)
   params, state, _ = train(tx, base, loss, steps=4)
   np.testing.assert_allclose(ft.merge(base, ft.get_delta(state))["out"]["kernel"],
                              params["out"]["kernel"], atol=1e-5)
