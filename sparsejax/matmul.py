@@ -7,7 +7,9 @@ kernels for GPU and TPU. Layouts come from static patterns
 (`block_diagonal_layout`, `butterfly_layout`, `monarch_layouts`) or from a
 trained block-granular mask (`block_layout`). An N:M weight keeps `n` of
 every `m` consecutive inputs; `compress_n_m` stores it compactly and
-`n_m_matmul` multiplies with it.
+`n_m_matmul` multiplies with it. `sparse_input_matmul` multiplies a sparse
+input (decode-time activations) by a dense weight, reading only the weight
+rows at nonzero inputs.
 
 Example:
   >>> import sparsejax as sj
@@ -29,6 +31,7 @@ from sparsejax._src.matmul.n_m_format import n_m_matmul as n_m_matmul
 from sparsejax._src.matmul.patterns import block_diagonal_layout as block_diagonal_layout
 from sparsejax._src.matmul.patterns import butterfly_layout as butterfly_layout
 from sparsejax._src.matmul.patterns import monarch_layouts as monarch_layouts
+from sparsejax._src.matmul.sparse_input import sparse_input_matmul as sparse_input_matmul
 
 __all__ = (
     "IMPLEMENTATIONS",
@@ -42,4 +45,5 @@ __all__ = (
     "decompress_n_m",
     "monarch_layouts",
     "n_m_matmul",
+    "sparse_input_matmul",
 )
