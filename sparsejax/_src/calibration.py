@@ -6,7 +6,10 @@ it calls, what the post-training rules need about that layer's inputs
 
 * ``count`` tokens, ``sum`` and ``sum_sq`` per input feature (Wanda's norms
   ``||X_j||``, DSnoT's means and variances, OWL's outlier scores),
-* ``gram = X^T X`` [d_in, d_in] (SparseGPT's Hessian, DSnoT's error).
+* ``gram = X^T X`` [d_in, d_in] (SparseGPT's Hessian, DSnoT's error),
+* ``abs_hist``, a histogram of ``|X_j|`` per input feature on a fixed
+  logarithmic grid [d_in, `HIST_BINS`] (activation sparsity's thresholds:
+  quantiles of ``|X|`` per tensor or per channel, `LayerStats.abs_quantile`).
 
 Activations are never kept: each batch adds to the sums inside one jitted
 step, so memory is O(d_in^2) per layer whatever the number of tokens.
@@ -34,12 +37,51 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sparsejax._src import _checks
 from sparsejax._src import pytree
 from sparsejax._src import sharding
 
 PyTree = Any
+
+# The |x| histogram: bin 0 holds |x| < 2**HIST_LOW (zeros included), bin b in
+# [1, HIST_BINS - 2] holds [2**(HIST_LOW + (b - 1) / HIST_PER_OCTAVE),
+# 2**(HIST_LOW + b / HIST_PER_OCTAVE)), the last bin everything above.
+HIST_LOW = -24
+HIST_HIGH = 16
+HIST_PER_OCTAVE = 16  # bins 4.4% wide: thresholds interpolate inside a bin
+HIST_BINS = (HIST_HIGH - HIST_LOW) * HIST_PER_OCTAVE + 2
+
+
+def hist_bins(magnitudes: jax.Array) -> jax.Array:
+  """The histogram bin of each ``|x|`` (int32, same shape)."""
+  a = magnitudes.astype(jnp.float32)
+  tiny = a < 2.0 ** HIST_LOW
+  b = jnp.floor((jnp.log2(jnp.where(tiny, 1.0, a)) - HIST_LOW) * HIST_PER_OCTAVE) + 1
+  return jnp.where(tiny, 0, jnp.clip(b, 1, HIST_BINS - 1)).astype(jnp.int32)
+
+
+def hist_quantile(counts: jax.Array, q: jax.Array) -> jax.Array:
+  """The value below which a share `q` of a histogram's mass lies, per row of `counts`.
+
+  Interpolates geometrically inside the bin where the cumulative mass crosses
+  `q` (linearly in the first bin, which starts at 0). `counts`: [..., HIST_BINS].
+  """
+  counts = counts.astype(jnp.float32)
+  cum = jnp.cumsum(counts, axis=-1)
+  total = cum[..., -1:]
+  target = jnp.asarray(q, jnp.float32)[..., None] * total if jnp.ndim(q) else q * total
+  b = jnp.minimum(jnp.sum(cum < target, axis=-1, keepdims=True), HIST_BINS - 1)
+  below = jnp.take_along_axis(cum, b, -1) - jnp.take_along_axis(counts, b, -1)
+  inside = jnp.take_along_axis(counts, b, -1)
+  f = jnp.clip((target - below) / jnp.maximum(inside, 1e-30), 0.0, 1.0)
+  low = 2.0 ** (HIST_LOW + (b.astype(jnp.float32) - 1) / HIST_PER_OCTAVE)
+  value = jnp.where(b == 0, f * 2.0 ** HIST_LOW,
+                    jnp.where(b == HIST_BINS - 1, 2.0 ** HIST_HIGH,
+                              low * 2.0 ** (f / HIST_PER_OCTAVE)))
+  return jnp.where(total > 0, value, 0.0)[..., 0]
 
 
 class LayerStats(NamedTuple):
@@ -50,12 +92,15 @@ class LayerStats(NamedTuple):
     sum: ``X.sum(0)``, [d_in].
     sum_sq: ``(X * X).sum(0)``, [d_in].
     gram: ``X.T @ X``, [d_in, d_in], or None if calibrated with ``gram=False``.
+    abs_hist: counts of ``|X_j|`` per feature and bin [d_in, `HIST_BINS`], or
+      None unless calibrated with ``histogram=True``.
   """
 
   count: jax.Array
   sum: jax.Array
   sum_sq: jax.Array
   gram: jax.Array | None
+  abs_hist: jax.Array | None = None
 
   def norms(self) -> jax.Array:
     """``||X_j||_2`` per input feature (Wanda's activation norm)."""
@@ -67,11 +112,27 @@ class LayerStats(NamedTuple):
   def variance(self) -> jax.Array:
     return jnp.maximum(self.sum_sq / jnp.maximum(self.count, 1) - self.mean() ** 2, 0.0)
 
+  def abs_quantile(self, q: Any, *, per_channel: bool = False) -> jax.Array:
+    """The `q`-quantile of ``|X|``: a scalar over the layer, or [d_in] per channel.
 
-def _zero_stats(d_in: int, gram: bool) -> LayerStats:
+    From the histogram (calibrate with ``histogram=True``), to within a bin
+    (4.4%) in value; a share `q` of the entries have ``|x|`` at most the result.
+    """
+    if self.abs_hist is None:
+      raise ValueError("these statistics have no |x| histogram: calibrate with histogram=True")
+    return hist_quantile(self.abs_hist if per_channel else self.abs_hist.sum(0), q)
+
+
+def _zero_stats(d_in: int, gram: bool, histogram: bool) -> LayerStats:
   return LayerStats(jnp.zeros([], jnp.int32), jnp.zeros([d_in], jnp.float32),
                     jnp.zeros([d_in], jnp.float32),
-                    jnp.zeros([d_in, d_in], jnp.float32) if gram else None)
+                    jnp.zeros([d_in, d_in], jnp.float32) if gram else None,
+                    jnp.zeros([d_in, HIST_BINS], jnp.float32) if histogram else None)
+
+
+def _add_hist(hist: jax.Array, rows: jax.Array) -> jax.Array:
+  flat = jnp.arange(rows.shape[1], dtype=jnp.int32) * HIST_BINS + hist_bins(jnp.abs(rows))
+  return hist + jnp.zeros(hist.size, jnp.float32).at[flat.ravel()].add(1.0).reshape(hist.shape)
 
 
 def _add_rows(stats: LayerStats, rows: jax.Array) -> LayerStats:
@@ -82,8 +143,9 @@ def _add_rows(stats: LayerStats, rows: jax.Array) -> LayerStats:
     out = {} if sharding.explicit_spec(rows) is None else {
         "out_sharding": NamedSharding(jax.typeof(rows).sharding.mesh, PartitionSpec())}
     gram = stats.gram + jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST, **out)
+  hist = None if stats.abs_hist is None else _add_hist(stats.abs_hist, rows)
   return LayerStats(stats.count + rows.shape[0], stats.sum + rows.sum(0),
-                    stats.sum_sq + (rows * rows).sum(0), gram)
+                    stats.sum_sq + (rows * rows).sum(0), gram, hist)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +430,7 @@ class Calibration:
   layers: tuple[Layer, ...]
   _runner: _Runner = dataclasses.field(repr=False)
   _batches: tuple[tuple[Any, ...], ...] = dataclasses.field(repr=False)
-  _gram: bool = dataclasses.field(repr=False)
+  _options: tuple[bool, bool] = dataclasses.field(repr=False)  # gram, histogram
   _steps: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled, per group
 
   def __getitem__(self, path: str) -> LayerStats:
@@ -379,6 +441,16 @@ class Calibration:
       raise KeyError(f"no calibrated layer has kernel path {path!r}; calibrated: "
                      f"{[l.path for l in self.layers]}")
     return found[path]
+
+  @property
+  def has_gram(self) -> bool:
+    """Whether `stats` hold ``X^T X`` (``calibrate(gram=True)``)."""
+    return self._options[0]
+
+  @property
+  def has_histogram(self) -> bool:
+    """Whether `stats` hold the ``|X|`` histograms (``calibrate(histogram=True)``)."""
+    return self._options[1]
 
   @property
   def groups(self) -> list[list[Layer]]:
@@ -394,7 +466,7 @@ class Calibration:
     layers = tuple(l for l in self.layers if l.path in paths)
     if layers not in self._steps:
       self._steps[layers] = _stats_step(self._runner, layers)
-    return _collect(self._steps[layers], params, self._batches, layers, self._gram)
+    return _collect(self._steps[layers], params, self._batches, layers, *self._options)
 
 
 def _stats_step(runner: _Runner, layers: Sequence[Layer]):
@@ -414,8 +486,9 @@ def _stats_step(runner: _Runner, layers: Sequence[Layer]):
   return step
 
 
-def _collect(step, params, batches, layers: Sequence[Layer], gram: bool) -> dict[str, LayerStats]:
-  stats = {l.path: _zero_stats(l.d_in, gram) for l in layers}
+def _collect(step, params, batches, layers: Sequence[Layer], gram: bool,
+             histogram: bool) -> dict[str, LayerStats]:
+  stats = {l.path: _zero_stats(l.d_in, gram, histogram) for l in layers}
   for args in batches:
     stats = step(params, stats, args)
   return stats
@@ -460,6 +533,7 @@ def calibrate(
     where: pytree.Where | str | Sequence[str] | None = None,
     types: Sequence[type] = (),
     gram: bool = True,
+    histogram: bool = False,
 ) -> Calibration:
   """Per-layer input statistics of `model` over calibration `batches`.
 
@@ -478,6 +552,8 @@ def calibrate(
       (``x[..., d_in] @ kernel[d_in, ...]``, the weight in a param ``kernel``).
     gram: also accumulate ``X^T X`` (SparseGPT and DSnoT need it; Wanda and
       OWL do not, and it costs d_in^2 floats per layer).
+    histogram: also count ``|X_j|`` per feature on a logarithmic grid
+      (activation sparsity's thresholds need it; `HIST_BINS` floats per feature).
 
   Returns:
     a `Calibration`: `LayerStats` per calibrated kernel, paired with the params
@@ -503,8 +579,9 @@ def calibrate(
   for t in types:
     if not isinstance(t, type):
       raise ValueError(f"calibrate: types must be module classes, got {t!r}")
-  if not isinstance(gram, bool):
-    raise ValueError(f"calibrate: gram={gram!r} must be a bool")
+  for name, value in [("gram", gram), ("histogram", histogram)]:
+    if not isinstance(value, bool):
+      raise ValueError(f"calibrate: {name}={value!r} must be a bool")
   batches = tuple(_as_args(b) for b in batches)
   if not batches:
     raise ValueError("calibrate: batches is empty; give at least one batch of model inputs")
@@ -525,8 +602,66 @@ def calibrate(
     raise ValueError(
         "calibrate: the model called no layer to calibrate (types: "
         f"{[t.__name__ for t in runner.types]}, where={where!r}). Pass types= for custom layers.")
-  stats = _collect(_stats_step(runner, layers), runner.params, batches, layers, gram)
+  stats = _collect(_stats_step(runner, layers), runner.params, batches, layers, gram, histogram)
   leaves, treedef = pytree.flatten(runner.params)
   tree = jax.tree_util.tree_unflatten(
       treedef, [stats.get(pytree.path_str(p)) for p, _ in leaves])
-  return Calibration(tree, tuple(layers), runner, batches, gram)
+  return Calibration(tree, tuple(layers), runner, batches, (gram, histogram))
+
+
+# --- what every rule that reads a calibration checks -------------------------
+
+def check_sparsity(sparsity: Any) -> None:
+  """A float in [0, 1), or a tree of them (per-layer sparsities)."""
+  if is_scalar(sparsity):
+    _checks.fraction("sparsity", sparsity, schedule=False)
+    return
+  if callable(sparsity):
+    raise ValueError("sparsity: post-training pruning is one-shot; a schedule has no step to "
+                     "follow. Give a float, or per-layer sparsities from sj.prune.owl")
+  for path, s in pytree.flatten(sparsity)[0]:
+    if s is not None:
+      _checks.fraction(f"sparsity{jax.tree_util.keystr(path)}", s, schedule=False)
+
+
+def is_scalar(sparsity: Any) -> bool:
+  """One sparsity for every layer (a number or a 0-d array), not a per-layer tree."""
+  return isinstance(sparsity, (int, float, np.integer, np.floating)) or (
+      isinstance(sparsity, jax.Array) and sparsity.ndim == 0)
+
+
+def as_params(params: Any) -> Any:
+  """The params tree of an nnx Module (``nnx.state(model, nnx.Param)``), or `params`."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is not None and isinstance(params, nnx.Module):
+    return nnx.state(params, nnx.Param)
+  return params
+
+
+def check_calibration(owner: str, calibration: Any) -> Calibration:
+  if not isinstance(calibration, Calibration):
+    raise ValueError(f"{owner}: calibration must be what sj.calibrate returned, got "
+                     f"{type(calibration).__name__}")
+  return calibration
+
+
+def layer_sparsities(owner: str, sparsity: Any, layers) -> dict[str, Any]:
+  """Sparsity per layer path: one float for all, or read (by path) from a per-layer tree."""
+  if sparsity is None:
+    return {l.path: None for l in layers}
+  if is_scalar(sparsity):
+    return {l.path: sparsity for l in layers}
+  found = {pytree.path_str(p): s for p, s in pytree.flatten(sparsity)[0]}
+  paths = {l.path for l in layers}
+  for path, s in found.items():
+    if s is not None and path not in paths:
+      raise ValueError(f"{owner}: sparsity gives {path} a sparsity but the layer has no "
+                       f"calibration statistics (calibrated: {sorted(paths)})")
+  out = {}
+  for l in layers:
+    if found.get(l.path) is None:
+      raise ValueError(f"{owner}: the per-layer sparsity has no value for calibrated layer "
+                       f"{l.path}")
+    out[l.path] = found[l.path]
+  return out
+

@@ -16,13 +16,11 @@ Counts are exact:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparsejax._src import _checks
 from sparsejax._src import calibration as calibration_lib
@@ -47,7 +45,7 @@ def check_rule(owner: str, sparsity: Any, pattern: Any, group: str) -> Any:
     if isinstance(pattern, granularities.Block) and len(pattern.block_shape) != 2:
       raise ValueError(f"{owner}: pattern={pattern} must tile the [d_in, d_out] matrix: "
                        "give a 2-D block_shape")
-    check_sparsity(sparsity)
+    calibration_lib.check_sparsity(sparsity)
     return pattern
   if isinstance(pattern, (tuple, list)) and len(pattern) == 2:
     n, m = pattern
@@ -61,18 +59,6 @@ def check_rule(owner: str, sparsity: Any, pattern: Any, group: str) -> Any:
   raise ValueError(f"{owner}: pattern={pattern!r} must be None (unstructured), an N:M pair "
                    "(n, m) or an sj.Block((bi, bo))")
 
-
-def check_sparsity(sparsity: Any) -> None:
-  """A float in [0, 1), or a tree of them (per-layer sparsities)."""
-  if is_scalar(sparsity):
-    _checks.fraction("sparsity", sparsity, schedule=False)
-    return
-  if callable(sparsity):
-    raise ValueError("sparsity: post-training pruning is one-shot; a schedule has no step to "
-                     "follow. Give a float, or per-layer sparsities from sj.prune.owl")
-  for path, s in pytree.flatten(sparsity)[0]:
-    if s is not None:
-      _checks.fraction(f"sparsity{jax.tree_util.keystr(path)}", s, schedule=False)
 
 
 def check_layer_shapes(owner: str, layer: calibration_lib.Layer, pattern: Any) -> None:
@@ -105,46 +91,8 @@ def select_count(scores: jax.Array, k: jax.Array, pattern: Any, group: str) -> j
   return block.expand(kept, scores.shape) if block else kept
 
 
-def is_scalar(sparsity: Any) -> bool:
-  """One sparsity for every layer (a number or a 0-d array), not a per-layer tree."""
-  return isinstance(sparsity, (int, float, np.integer, np.floating)) or (
-      isinstance(sparsity, jax.Array) and sparsity.ndim == 0)
 
 
-def as_params(params: Any) -> Any:
-  """The params tree of an nnx Module (``nnx.state(model, nnx.Param)``), or `params`."""
-  nnx = sys.modules.get("flax.nnx")
-  if nnx is not None and isinstance(params, nnx.Module):
-    return nnx.state(params, nnx.Param)
-  return params
-
-
-def check_calibration(owner: str, calibration: Any) -> calibration_lib.Calibration:
-  if not isinstance(calibration, calibration_lib.Calibration):
-    raise ValueError(f"{owner}: calibration must be what sj.calibrate returned, got "
-                     f"{type(calibration).__name__}")
-  return calibration
-
-
-def layer_sparsities(owner: str, sparsity: Any, layers) -> dict[str, Any]:
-  """Sparsity per layer path: one float for all, or read (by path) from a per-layer tree."""
-  if sparsity is None:
-    return {l.path: None for l in layers}
-  if is_scalar(sparsity):
-    return {l.path: sparsity for l in layers}
-  found = {pytree.path_str(p): s for p, s in pytree.flatten(sparsity)[0]}
-  paths = {l.path for l in layers}
-  for path, s in found.items():
-    if s is not None and path not in paths:
-      raise ValueError(f"{owner}: sparsity gives {path} a sparsity but the layer has no "
-                       f"calibration statistics (calibrated: {sorted(paths)})")
-  out = {}
-  for l in layers:
-    if found.get(l.path) is None:
-      raise ValueError(f"{owner}: the per-layer sparsity has no value for calibrated layer "
-                       f"{l.path}")
-    out[l.path] = found[l.path]
-  return out
 
 
 def run(owner: str, params: Any, calibration: calibration_lib.Calibration,
@@ -160,7 +108,7 @@ def run(owner: str, params: Any, calibration: calibration_lib.Calibration,
   """
   if not isinstance(sequential, bool):
     raise ValueError(f"{owner}: sequential={sequential!r} must be a bool")
-  params = as_params(params)
+  params = calibration_lib.as_params(params)
   leaves, treedef = pytree.flatten(params)
   index = {pytree.path_str(p): i for i, (p, _) in enumerate(leaves)}
   layers = calibration.layers
@@ -173,7 +121,7 @@ def run(owner: str, params: Any, calibration: calibration_lib.Calibration,
       raise ValueError(f"{owner}: params {layer.path} has shape {shape}, but it was calibrated "
                        f"with shape {layer.kernel_shape}")
     check_layer_shapes(owner, layer, pattern)
-  per_layer = layer_sparsities(owner, sparsity, layers)
+  per_layer = calibration_lib.layer_sparsities(owner, sparsity, layers)
   start = {} if initial_masks is None else masks_by_path(owner, initial_masks, layers)
   values = [pytree.unwrap(v) for _, v in leaves]
   masks: dict[str, jax.Array] = {}

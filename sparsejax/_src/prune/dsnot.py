@@ -110,12 +110,12 @@ def dsnot(
     >>> masks = sj.prune.dsnot(model, calibration, masks)
   """
   owner = "sj.prune.dsnot"
-  common.check_calibration(owner, calibration)
+  calibration_lib.check_calibration(owner, calibration)
   if pattern is not None:
     pattern = common.check_rule(owner, None, pattern, "output")
   max_cycles = _checks.static_int("max_cycles", max_cycles, minimum=0)
   _checks.static_float("variance_power", variance_power)
-  if not calibration._gram:  # pylint: disable=protected-access
+  if not calibration.has_gram:
     raise ValueError(f"{owner}: needs X^T X; calibrate with gram=True (the default)")
 
   def prune_layer(layer, w, stats, s, mask):

@@ -12,7 +12,6 @@ import numpy as np
 from sparsejax._src import _checks
 from sparsejax._src import calibration as calibration_lib
 from sparsejax._src import pytree
-from sparsejax._src.prune import common
 
 
 @jax.jit
@@ -77,13 +76,13 @@ def owl(
     >>> masks = sj.prune.wanda(model, calibration, sparsity=sparsities)
   """
   owner = "sj.prune.owl"
-  common.check_calibration(owner, calibration)
+  calibration_lib.check_calibration(owner, calibration)
   _checks.fraction("sparsity", sparsity, schedule=False)
   for name, value in (("threshold", threshold), ("band", band)):
     _checks.static_float(name, value)
     if not value >= 0:
       raise ValueError(f"{name}={value} must be >= 0")
-  params = common.as_params(params)
+  params = calibration_lib.as_params(params)
   leaves, treedef = pytree.flatten(params)
   values = {pytree.path_str(p): pytree.unwrap(v) for p, v in leaves}
   ratios, sizes = [], []

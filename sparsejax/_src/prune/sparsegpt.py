@@ -160,14 +160,14 @@ def sparsegpt(
   """
   owner = "sj.prune.sparsegpt"
   pattern = common.check_rule(owner, sparsity, pattern, group)
-  common.check_calibration(owner, calibration)
+  calibration_lib.check_calibration(owner, calibration)
   block_size = _checks.static_int("block_size", block_size, minimum=1)
   _checks.static_float("dampening", dampening)
   if not dampening >= 0:
     raise ValueError(f"dampening={dampening} must be >= 0")
   unit = pattern[1] if isinstance(pattern, tuple) else (
       pattern.block_shape[0] if pattern is not None else 1)
-  if not calibration._gram:  # pylint: disable=protected-access
+  if not calibration.has_gram:
     raise ValueError(f"{owner}: needs X^T X; calibrate with gram=True (the default)")
 
   def prune_layer(layer, w, stats, s, mask):

@@ -22,7 +22,7 @@ def _score_rule(owner, params, calibration, sparsity, pattern, group, sequential
                 activations):
   """Masks from ``|W|`` (times ``||X_j||`` with `activations`), no weight update."""
   pattern = common.check_rule(owner, sparsity, pattern, group)
-  common.check_calibration(owner, calibration)
+  calibration_lib.check_calibration(owner, calibration)
 
   def prune_layer(layer, w, stats, s, mask):
     del layer, mask
