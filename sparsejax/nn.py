@@ -21,6 +21,10 @@ Example:
 from sparsejax._src.layers import BlockLayout as BlockLayout
 from sparsejax._src.layers import BlockSparseDense as BlockSparseDense
 from sparsejax._src.layers import BlockSparseLinear as BlockSparseLinear
+from sparsejax._src.activations.layers import InputThreshold as InputThreshold
+from sparsejax._src.activations.layers import SparseInputLinear as SparseInputLinear
+from sparsejax._src.activations.layers import sparsify_inputs as sparsify_inputs
 from sparsejax._src.layers import to_block_sparse as to_block_sparse
 
-__all__ = ("BlockLayout", "BlockSparseDense", "BlockSparseLinear", "to_block_sparse")
+__all__ = ("BlockLayout", "BlockSparseDense", "BlockSparseLinear", "InputThreshold",
+           "SparseInputLinear", "sparsify_inputs", "to_block_sparse")

@@ -1,11 +1,13 @@
 """Activation sparsity: top-k with a straight-through gradient, ReLU², ProSparse's penalty."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sparsejax as sj
+from sparsejax._src import calibration as calibration_lib
 
 act = sj.activations
 
@@ -61,3 +63,144 @@ def test_bad_input():
     act.l1_penalty(x, act.prosparse_schedule(1.0, warmup_steps=0, stage_steps=1))
   with pytest.raises(ValueError, match="stage_steps=0 must be an integer >= 1"):
     act.prosparse_schedule(1.0, warmup_steps=0, stage_steps=0)
+
+
+# --- training-free: calibrated thresholds (TEAL, CHESS, WINA) -----------------
+
+D_IN, D_HIDDEN = 32, 64
+
+
+class _MLP(nnx.Module):
+
+  def __init__(self, rngs, row_norms=None):
+    self.up = nnx.Linear(D_IN, D_HIDDEN, rngs=rngs)
+    self.down = nnx.Linear(D_HIDDEN, D_IN, rngs=rngs)
+    if row_norms is not None:  # planted: input j multiplies a row of norm row_norms[j]
+      k = self.up.kernel[...]
+      self.up.kernel[...] = k / jnp.linalg.norm(k, axis=1, keepdims=True) * row_norms[:, None]
+
+  def __call__(self, x):
+    return self.down(jax.nn.gelu(self.up(x)))
+
+
+def _inputs(seed, tokens, scales):
+  """Heavy-tailed inputs (Student t, 3 dof) with a scale per channel."""
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.standard_t(3, (tokens, D_IN)) * scales, jnp.float32)
+
+
+def _layer_inputs(model, x):
+  return {"up/kernel": x, "down/kernel": jax.nn.gelu(model.up(x))}
+
+
+SCALES = np.geomspace(0.05, 5.0, D_IN)
+
+
+def _rules(model, calibration, sparsity):
+  return {"teal": act.teal(calibration, sparsity=sparsity),
+          "chess": act.chess(calibration, sparsity=sparsity),
+          "wina": act.wina(model, calibration, sparsity=sparsity)}
+
+
+def test_histogram_quantiles_and_cdf_match_the_data():
+  model = _MLP(nnx.Rngs(0))
+  x = _inputs(0, 4096, SCALES)
+  stats = sj.calibrate(model, [x[:2048], x[2048:]], histogram=True, gram=False)["up/kernel"]
+  assert stats.abs_hist.shape == (D_IN, calibration_lib.HIST_BINS)
+  np.testing.assert_array_equal(stats.abs_hist.sum(1), 4096)
+  a = np.abs(np.asarray(x))
+  for q in [0.1, 0.5, 0.9]:
+    np.testing.assert_allclose(stats.abs_quantile(q), np.quantile(a, q), rtol=0.02)
+    np.testing.assert_allclose(stats.abs_quantile(q, per_channel=True), np.quantile(a, q, 0),
+                               rtol=0.05)
+    t = stats.abs_quantile(q, per_channel=True)
+    np.testing.assert_allclose(calibration_lib.hist_cdf(stats.abs_hist, t), q, atol=1e-3)
+  assert float(stats.abs_quantile(0.0)) == 0.0
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.8])
+def test_thresholds_reach_the_target_sparsity_on_held_out_data(sparsity):
+  model = _MLP(nnx.Rngs(0))
+  x = _inputs(0, 8192, SCALES)
+  calibration = sj.calibrate(model, [x[i:i + 2048] for i in range(0, 8192, 2048)],
+                             histogram=True, gram=False)
+  held_out = _layer_inputs(model, _inputs(1, 8192, SCALES))
+  held_out_calibration = sj.calibrate(model, [_inputs(1, 8192, SCALES)], histogram=True,
+                                      gram=False)
+  for name, thresholds in _rules(model, calibration, sparsity).items():
+    estimated = act.input_sparsity(held_out_calibration, thresholds)
+    for path in ["up/kernel", "down/kernel"]:
+      t = thresholds[path.split("/")[0]]["kernel"][None]
+      assert t.shape == (1, held_out[path].shape[1]) and t.dtype == jnp.float32
+      reached = float(jnp.mean(jnp.abs(held_out[path]) <= t))
+      assert abs(reached - sparsity) <= 0.01, (name, path, reached)
+      assert abs(float(estimated[path]) - reached) <= 0.005, (name, path)
+    assert thresholds["up"]["bias"] is None
+
+
+def test_wina_and_channel_wise_thresholds_beat_one_threshold_on_planted_data():
+  # Small inputs meet large weight rows (as after a folded norm): one magnitude
+  # threshold zeroes the channels that matter, by their scale alone.
+  model = _MLP(nnx.Rngs(0), row_norms=jnp.asarray(1.0 / SCALES, jnp.float32))
+  x = _inputs(0, 8192, SCALES)
+  calibration = sj.calibrate(model, [x], histogram=True, gram=False)
+  held_out = _inputs(1, 4096, SCALES)
+  dense = model.up(held_out)
+  errors = {}
+  for name, thresholds in _rules(model, calibration, 0.5).items():
+    t = thresholds["up"]["kernel"][None]
+    sparse = model.up(jnp.where(jnp.abs(held_out) > t, held_out, 0))
+    assert abs(float(jnp.mean(jnp.abs(held_out) <= t)) - 0.5) <= 0.01
+    errors[name] = float(jnp.mean((sparse - dense) ** 2))
+  assert errors["wina"] < 0.5 * errors["teal"] and errors["chess"] < 0.5 * errors["teal"], errors
+
+
+def test_sparsify_inputs_thresholds_linear_inputs_and_keeps_the_params():
+  model = _MLP(nnx.Rngs(0))
+  x = _inputs(0, 2048, SCALES)
+  calibration = sj.calibrate(model, [x], histogram=True, gram=False)
+  thresholds = act.teal(calibration, sparsity=0.6)
+  sparse = sj.nn.sparsify_inputs(nnx.clone(model), thresholds)
+  assert isinstance(sparse.up, sj.nn.SparseInputLinear) and isinstance(model.up, nnx.Linear)
+  dense_params, sparse_params = nnx.state(model, nnx.Param), nnx.state(sparse, nnx.Param)
+  assert jax.tree.structure(dense_params) == jax.tree.structure(sparse_params)
+  jax.tree.map(np.testing.assert_array_equal, dense_params, sparse_params)
+  t_up, t_down = thresholds["up"]["kernel"][None], thresholds["down"]["kernel"][None]
+
+  def expected(x):
+    h = jax.nn.gelu(model.up(jnp.where(jnp.abs(x) > t_up, x, 0)))
+    return model.down(jnp.where(jnp.abs(h) > t_down, h, 0))
+
+  rows = x[:8]
+  want = expected(rows)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(sparse, rows), want, rtol=1e-5, atol=1e-5)
+  one = nnx.jit(lambda m, x: m(x))(sparse, rows[:1])  # decode: the sparse-input matmul
+  np.testing.assert_allclose(one, want[:1], rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(want - model(rows)))) > 1e-3  # the thresholds did something
+
+
+def test_training_free_bad_input():
+  model = _MLP(nnx.Rngs(0))
+  x = _inputs(0, 256, SCALES)
+  calibration = sj.calibrate(model, [x], histogram=True, gram=False)
+  with pytest.raises(ValueError, match=r"sparsity=1.0 must lie in \[0, 1\)"):
+    act.teal(calibration, sparsity=1.0)
+  with pytest.raises(ValueError, match=r"sparsity=-0.1 must lie in \[0, 1\)"):
+    act.chess(calibration, sparsity=-0.1)
+  with pytest.raises(ValueError, match="calibrate with sj.calibrate.*histogram=True"):
+    act.teal(sj.calibrate(model, [x], gram=False), sparsity=0.5)
+  with pytest.raises(ValueError, match="calibration must be what sj.calibrate returned"):
+    act.teal({"up": None}, sparsity=0.5)
+  with pytest.raises(ValueError, match=r"takes inputs whose dims \(-1,\) are \(32,\), got an "
+                     r"input of shape \(256, 31\)"):
+    sj.calibrate(model, [x[:, :31]], histogram=True)
+  with pytest.raises(ValueError, match="params has no kernel of shape"):
+    act.wina({"up": {"kernel": jnp.ones((3, 3))}}, calibration, sparsity=0.5)
+  thresholds = act.teal(calibration, sparsity=0.5)
+  with pytest.raises(ValueError, match=r"thresholds at up/kernel have shape \(31,\); the layer "
+                     "takes 32 inputs"):
+    sj.nn.sparsify_inputs(nnx.clone(model), {"up": {"kernel": jnp.ones(31)}})
+  with pytest.raises(ValueError, match=r"thresholds name \['head/kernel'\]"):
+    sj.nn.sparsify_inputs(nnx.clone(model), {"head": {"kernel": jnp.ones(32)}})
+  with pytest.raises(ValueError, match="model must be a flax nnx Module"):
+    sj.nn.sparsify_inputs(thresholds, thresholds)

@@ -84,6 +84,24 @@ def hist_quantile(counts: jax.Array, q: jax.Array) -> jax.Array:
   return jnp.where(total > 0, value, 0.0)[..., 0]
 
 
+def hist_cdf(counts: jax.Array, value: jax.Array) -> jax.Array:
+  """The share of a histogram's mass at or below `value`, per row (inverse of `hist_quantile`).
+
+  `counts`: [..., HIST_BINS]; `value`: broadcastable to ``counts.shape[:-1]``.
+  """
+  counts = counts.astype(jnp.float32)
+  value = jnp.broadcast_to(jnp.asarray(value, jnp.float32), counts.shape[:-1])[..., None]
+  b = hist_bins(value)
+  cum = jnp.cumsum(counts, axis=-1)
+  below = jnp.take_along_axis(cum, b, -1) - jnp.take_along_axis(counts, b, -1)
+  low = 2.0 ** (HIST_LOW + (b.astype(jnp.float32) - 1) / HIST_PER_OCTAVE)
+  f = jnp.where(b == 0, value / 2.0 ** HIST_LOW,
+                jnp.where(b == HIST_BINS - 1, 1.0,
+                          jnp.log2(jnp.maximum(value, 1e-38) / low) * HIST_PER_OCTAVE))
+  mass = below + jnp.clip(f, 0.0, 1.0) * jnp.take_along_axis(counts, b, -1)
+  return (mass / jnp.maximum(cum[..., -1:], 1.0))[..., 0]
+
+
 class LayerStats(NamedTuple):
   """Statistics of one layer's inputs ``X`` [tokens, d_in], in float32.
 
@@ -131,7 +149,7 @@ def _zero_stats(d_in: int, gram: bool, histogram: bool) -> LayerStats:
 
 
 def _add_hist(hist: jax.Array, rows: jax.Array) -> jax.Array:
-  flat = jnp.arange(rows.shape[1], dtype=jnp.int32) * HIST_BINS + hist_bins(jnp.abs(rows))
+  flat = jnp.arange(rows.shape[1], dtype=jnp.int32)[None] * HIST_BINS + hist_bins(jnp.abs(rows))
   return hist + jnp.zeros(hist.size, jnp.float32).at[flat.ravel()].add(1.0).reshape(hist.shape)
 
 
@@ -433,14 +451,22 @@ class Calibration:
   _options: tuple[bool, bool] = dataclasses.field(repr=False)  # gram, histogram
   _steps: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled, per group
 
+  def _flat(self):
+    return jax.tree_util.tree_flatten_with_path(
+        self.stats, is_leaf=lambda x: x is None or isinstance(x, LayerStats))
+
   def __getitem__(self, path: str) -> LayerStats:
     """The `LayerStats` of the layer whose kernel path is `path`."""
-    found = {pytree.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(
-        self.stats, is_leaf=lambda x: isinstance(x, LayerStats))[0] if isinstance(v, LayerStats)}
+    found = {pytree.path_str(p): v for p, v in self._flat()[0] if isinstance(v, LayerStats)}
     if path not in found:
       raise KeyError(f"no calibrated layer has kernel path {path!r}; calibrated: "
                      f"{[l.path for l in self.layers]}")
     return found[path]
+
+  def paired(self, by_path: dict[str, Any]) -> PyTree:
+    """A tree with the params' structure: ``by_path[path]`` at each kernel path, None elsewhere."""
+    leaves, treedef = self._flat()
+    return jax.tree_util.tree_unflatten(treedef, [by_path.get(pytree.path_str(p)) for p, _ in leaves])
 
   @property
   def has_gram(self) -> bool:
