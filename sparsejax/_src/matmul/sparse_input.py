@@ -107,12 +107,16 @@ def _xla(x: jax.Array, w: jax.Array, index: NonzeroIndex) -> jax.Array:
                   lambda: _xla_walk(x, w, index))
 
 
-def default_implementation() -> str:
+def default_implementation(n: int) -> str:
+  """The fastest implementation for a w of `n` columns: the backend's kernel where it tiles."""
+  # pylint: disable=g-import-not-at-top
   backend = jax.default_backend()
   if backend == "gpu":
-    return "pallas_triton"
+    from sparsejax._src.matmul import sparse_input_pallas_gpu as kernel
+    return "pallas_triton" if kernel.tiles(n) else "xla"
   if backend == "tpu":
-    return "pallas_tpu"
+    from sparsejax._src.matmul import sparse_input_pallas_tpu as kernel
+    return "pallas_tpu" if kernel.tiles(n) else "xla"
   return "xla"
 
 
@@ -195,7 +199,7 @@ def sparse_input_matmul(x: jax.Array, w: jax.Array, *, implementation: str | Non
   """
   _validate_args(x, w, implementation)
   if implementation is None:
-    implementation = default_implementation()
+    implementation = default_implementation(w.shape[1])
   if implementation == "pallas":
     implementation = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_triton"
   if interpret is None:
