@@ -2,21 +2,25 @@ r"""Where the compiled kernels stand on a GPU: their tests and both benchmarks, 
 
   PYTHONPATH=. python benchmarks/device_check.py --out DIR
 
-Runs five stages, each in its own process under a hard time limit (480 s in
+Runs six stages, each in its own process under a hard time limit (540 s in
 all by default), so one that crashes or overruns is recorded as such and the
 rest still run:
 
   1. environment: python, jax and jaxlib versions, devices, GPU name,
      compute capability, cuDNN version;
   2. tests: the compiled-kernel test classes of tests/attention_test.py,
-     tests/attention_mods_test.py and tests/matmul_test.py (TestPallasTriton,
-     not the interpret-mode subclasses);
+     tests/attention_mods_test.py, tests/matmul_test.py,
+     tests/attention_decode_pallas_test.py and tests/sparse_input_pallas_test.py
+     (TestPallasTriton, not the interpret-mode subclasses);
   3. attention: benchmarks/attention.py at GPU sizes, beside cuDNN dense
      attention and JAX's Pallas `mha`, with packed documents, soft-cap and
      sinks;
   4. matmul: benchmarks/matmul.py at GPU sizes;
   5. decode: benchmarks/decode.py (a decode step over KV caches, dense,
-     pruned by patterns and Quest-selected, beside jax.nn dense attention).
+     pruned by patterns and Quest-selected, beside jax.nn dense attention);
+  6. activation_sparsity: benchmarks/activation_sparsity.py
+     (sj.matmul.sparse_input_matmul on sparse decode activations, pallas_triton
+     and xla, beside dense jnp.dot).
 
 After each stage it rewrites DIR/device_check.json (everything, raw) and
 DIR/device_check.md (a summary with the attention targets: the full layout's
@@ -41,11 +45,12 @@ import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("environment", "tests", "attention", "matmul", "decode")
+STAGES = ("environment", "tests", "attention", "matmul", "decode", "activation_sparsity")
 # Each stage's time limit in seconds; a stage also gets what earlier ones left unused.
-LIMITS = {"environment": 45, "tests": 150, "attention": 165, "matmul": 60, "decode": 60}
+LIMITS = {"environment": 45, "tests": 150, "attention": 165, "matmul": 60, "decode": 60,
+          "activation_sparsity": 60}
 TEST_FILES = ("tests/attention_test.py", "tests/attention_mods_test.py", "tests/matmul_test.py",
-              "tests/attention_decode_pallas_test.py")
+              "tests/attention_decode_pallas_test.py", "tests/sparse_input_pallas_test.py")
 TEST_SELECTION = "TestPallasTriton and not Interpret"  # the compiled Triton classes
 # Benchmark flags: "gpu" sized to finish within LIMITS on an H100/H200 class GPU,
 # "tiny" to run the whole script on a CPU in seconds.
@@ -57,6 +62,9 @@ SIZES = {
                       "--doc_lens=1024,4096", "--repeats=5"],
         "matmul": ["--sizes=1024,4096", "--densities=1,0.25,0.125", "--repeats=5"],
         "decode": ["--kv_lens=16384,131072", "--batches=1,8", "--repeats=5"],
+        "activation_sparsity": ["--ds=4096,8192", "--batches=1,8", "--dtype=bfloat16",
+                                "--implementations=pallas_triton,xla", "--repeats=5",
+                                "--calls=10"],
     },
     "tiny": {
         "attention": ["--seqs=256", "--head_dims=32", "--heads=2", "--patterns=full,causal",
@@ -65,6 +73,8 @@ SIZES = {
         "matmul": ["--sizes=256", "--densities=1,0.5", "--repeats=1"],
         "decode": ["--kv_lens=1024", "--batches=1", "--heads=4", "--head_dim=32",
                    "--window=256", "--repeats=1"],
+        "activation_sparsity": ["--ds=256", "--sparsities=0,50,90", "--repeats=1",
+                                "--calls=1"],
     },
 }
 FULL_VS_DENSE, SPARSE_VS_FULL = 1.5, 1.15  # the GPU targets
@@ -211,6 +221,24 @@ def parse_decode(text):
   return {"rows": rows}
 
 
+def parse_activation_sparsity(text):
+  """Rows of activation_sparsity.py's table (it prints text only)."""
+  rows = []
+  head = r"\s*(\d+)\s+(\d+)  (\S+)\s+([\d.]+)%\s+([\d.]+)  (\S+)\s+"
+  for line in text.splitlines():
+    m = re.match(head + r"([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s*$", line)
+    n = m or re.match(head + r"n/a  (.*)$", line)
+    if n:
+      rows.append({"d": int(n.group(1)), "batch": int(n.group(2)), "pattern": n.group(3),
+                   "sparsity": float(n.group(4)), "union": float(n.group(5)),
+                   "impl": n.group(6),
+                   "dense_ms": float(m.group(7)) if m else None,
+                   "sparse_ms": float(m.group(8)) if m else None,
+                   "ratio": float(m.group(9)) if m else None,
+                   "note": "" if m else n.group(7).strip()})
+  return {"rows": rows}
+
+
 def attention_targets(rows):
   """The GPU targets from attention.py's rows: full ÷ cuDNN dense, sparse ÷ (density x full)."""
   full_vs_dense, sparse_vs_full = [], []
@@ -273,6 +301,10 @@ def _x(value, goal=None):
   return text if goal is None or value <= goal else f"**{text}**"
 
 
+def _na(value):
+  return "n/a" if value is None else value
+
+
 def _ms(seconds):
   return f"{1e3 * seconds:.2f}" if seconds is not None else "n/a"
 
@@ -326,6 +358,17 @@ def markdown(report):
               f"{'' if r['vs_dense'] is None else _x(r['vs_dense'])} | "
               f"{'' if r['kv_read'] is None else r['kv_read']} | {r['note'][:120]} |"
               for r in decode["rows"]]
+  sparse_input = report["stages"].get("activation_sparsity", {}).get("result")
+  if sparse_input and sparse_input["rows"]:
+    lines += ["", "## Activation sparsity", "", "`sparse_input_matmul(x, w)` ÷ dense "
+              "`jnp.dot(x, w)`, w [d, d]; union: the share of input channels nonzero in some "
+              "row (the rows of w read).", "",
+              "| d | batch | pattern | sparsity | union | impl | dense ms | sparse ms | ratio | "
+              "note |", "| ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['d']} | {r['batch']} | {r['pattern']} | {r['sparsity']:g}% | "
+              f"{r['union']:.3f} | {r['impl']} | {_na(r['dense_ms'])} | {_na(r['sparse_ms'])} | "
+              f"{'' if r['ratio'] is None else _x(r['ratio'])} | {r['note'][:120]} |"
+              for r in sparse_input["rows"]]
   return "\n".join(lines) + "\n"
 
 
@@ -384,13 +427,15 @@ def parse_args(argv=None):
                       help="folder for device_check.json, device_check.md and logs/")
   parser.add_argument("--force", action="store_true",
                       help="without a GPU, run the stages anyway at tiny sizes")
-  parser.add_argument("--budget", type=int, default=480, help="seconds for all stages together")
-  parser.add_argument("--stages", default="tests,attention,matmul,decode",
+  parser.add_argument("--budget", type=int, default=540, help="seconds for all stages together")
+  parser.add_argument("--stages", default="tests,attention,matmul,decode,activation_sparsity",
                       help="stages to run after the environment, comma-separated")
   parser.add_argument("--attention_flags", default="",
                       help="extra flags for attention.py (after the defaults: they override)")
   parser.add_argument("--matmul_flags", default="", help="extra flags for matmul.py")
   parser.add_argument("--decode_flags", default="", help="extra flags for decode.py")
+  parser.add_argument("--activation_sparsity_flags", default="",
+                      help="extra flags for activation_sparsity.py")
   args = parser.parse_args(argv)
   unknown = set(args.stages.split(",")) - set(STAGES[1:])
   if unknown:
@@ -477,6 +522,11 @@ def main(argv=None):
   if "decode" in todo:
     stage("decode", [sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"),
                      *SIZES[sizes]["decode"], *args.decode_flags.split()], parse_decode)
+  if "activation_sparsity" in todo:
+    stage("activation_sparsity",
+          [sys.executable, os.path.join(ROOT, "benchmarks", "activation_sparsity.py"),
+           *SIZES[sizes]["activation_sparsity"], *args.activation_sparsity_flags.split()],
+          parse_activation_sparsity)
   write(report, out)
   bad = [n for n, s in report["stages"].items() if s["status"] != "ok"]
   print(f"device_check: wrote {out}/device_check.md and device_check.json"

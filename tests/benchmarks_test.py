@@ -52,8 +52,14 @@ def test_forced_run_records_every_stage(tmp_path):
   decode = {r["row"]: r for r in stages["decode"]["result"]["rows"]}
   assert len(decode) == 8 and decode["dense jax.nn"]["vs_dense"] == 1.0, decode
   assert all(r["ms"] for r in decode.values()) and decode["top 1/8 pages (Quest)"]["kv_read"] < 0.2
+  sparse_input = stages["activation_sparsity"]["result"]["rows"]
+  assert {(r["batch"], r["pattern"]) for r in sparse_input} == {
+      (1, "random"), (8, "shared"), (8, "independent")}, sparse_input
+  assert len(sparse_input) == 9 and all(r["ratio"] for r in sparse_input), sparse_input
+  union = {(r["pattern"], r["sparsity"]): r["union"] for r in sparse_input}
+  assert union["shared", 90.0] == union["random", 90.0] < 0.11 < 0.5 < union["independent", 90.0]
   for heading in ("## Compiled-kernel tests", "## Attention", "## Matmul", "## Decode",
-                  "docs 64, ids"):
+                  "## Activation sparsity", "docs 64, ids"):
     assert heading in md
 
 
@@ -119,3 +125,22 @@ def test_parse_pytest_and_matmul_output():
                              "fwd_ms": 0.1, "fwd_ratio": 0.2, "fwd_bwd_ms": 0.4,
                              "fwd_bwd_ratio": 0.267, "dense_fwd_ms": 0.5,
                              "dense_fwd_bwd_ms": 1.5}]
+
+
+def test_parse_activation_sparsity_output():
+  rows = device_check.parse_activation_sparsity(
+      "     d batch  pattern     sparsity  union  impl           dense ms sparse ms   ratio  note\n"
+      "  4096     8  independent      90%  0.574  xla               3.193     2.638  0.826x\n"
+      "  4096     1  random           50%  0.500  pallas_triton       n/a  ImportError: no\n"
+      "  d  4096, xla           50%: 0.893x (<= 0.65: NOT met); 90%: 0.251x (<= 0.2: NOT met)\n")
+  assert rows["rows"] == [
+      {"d": 4096, "batch": 8, "pattern": "independent", "sparsity": 90.0, "union": 0.574,
+       "impl": "xla", "dense_ms": 3.193, "sparse_ms": 2.638, "ratio": 0.826, "note": ""},
+      {"d": 4096, "batch": 1, "pattern": "random", "sparsity": 50.0, "union": 0.5,
+       "impl": "pallas_triton", "dense_ms": None, "sparse_ms": None, "ratio": None,
+       "note": "ImportError: no"}]
+  report = {"started": "now", "budget_s": 540, "sizes": "gpu", "stages": {
+      "activation_sparsity": {"status": "ok", "result": rows}}}
+  md = device_check.markdown(report)
+  assert "| 4096 | 8 | independent | 90% | 0.574 | xla | 3.193 | 2.638 | 0.83x |  |" in md
+  assert "| 4096 | 1 | random | 50% | 0.500 | pallas_triton | n/a | n/a |  | ImportError: no |" in md
