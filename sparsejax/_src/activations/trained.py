@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import _checks
-from sparsejax._src import topk as topk_lib
 
 
 def _count(k: Any, size: int) -> int:
@@ -50,10 +49,11 @@ def topk(x: jax.Array, k: int | float, *, axis: int = -1) -> jax.Array:
   """
   axis = _checks.axis(axis, x.shape, "x")
   k = _count(k, x.shape[axis])
-  moved = jnp.moveaxis(x, axis, -1)
-  keep = jax.vmap(lambda row: topk_lib.topk_mask(jnp.abs(row), k))(
-      moved.reshape(-1, moved.shape[-1])).reshape(moved.shape)
-  keep = jax.lax.stop_gradient(jnp.moveaxis(keep, -1, axis))
+  rows = jnp.moveaxis(x, axis, -1)
+  flat = rows.reshape(-1, rows.shape[-1])
+  _, kept = jax.lax.top_k(jnp.abs(flat), k)  # equal magnitudes: the lower index first
+  keep = jnp.zeros(flat.shape, bool).at[jnp.arange(flat.shape[0])[:, None], kept].set(True)
+  keep = jax.lax.stop_gradient(jnp.moveaxis(keep.reshape(rows.shape), -1, axis))
   return x + jax.lax.stop_gradient(jnp.where(keep, x, 0) - x)
 
 

@@ -102,9 +102,11 @@ def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _xla(x: jax.Array, w: jax.Array, index: NonzeroIndex) -> jax.Array:
-  return lax.cond(index.count > _DENSE_ABOVE * x.shape[1], lambda: _dense(x, w),
-                  lambda: _xla_walk(x, w, index))
+def _xla(x: jax.Array, w: jax.Array) -> jax.Array:
+  # The count alone decides; the list is built only where it is walked.
+  count = jnp.sum(jnp.any(x != 0, axis=0), dtype=jnp.int32)
+  return lax.cond(count > _DENSE_ABOVE * x.shape[1], lambda: _dense(x, w),
+                  lambda: _xla_walk(x, w, nonzero_index(x)))
 
 
 def default_implementation(n: int) -> str:
@@ -123,9 +125,9 @@ def default_implementation(n: int) -> str:
 def _forward(x2, w, implementation, interpret):
   if x2.shape[0] > _MAX_ROWS or x2.shape[0] == 0:
     return _dense(x2, w)
-  index = nonzero_index(x2)
   if implementation == "xla":
-    return _xla(x2, w, index)
+    return _xla(x2, w)
+  index = nonzero_index(x2)
   # pylint: disable=g-import-not-at-top
   if implementation == "pallas_triton":
     from sparsejax._src.matmul import sparse_input_pallas_gpu as kernel
