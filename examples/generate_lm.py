@@ -143,7 +143,7 @@ def decode_step(model, pattern, caches, tokens, position):
     o = sja.decode_attention(q, cache.k, cache.v, cache.lengths, page_table=cache.page_table,
                              mask=pattern.mask, pages=pages)
     x = x + block.attention.out(o.reshape(batch, 1, dim))
-    x = x + block.down(jax.nn.gelu(block.up(block.norm2(x))))
+    x = x + block.down(block.activation(block.up(block.norm2(x))))
     new_caches.append(cache)
   recall = jnp.mean(jnp.stack(recalls)) if recalls else jnp.float32(1)
   return model.embed.attend(model.norm(x))[:, 0], new_caches, recall

@@ -169,10 +169,16 @@ class Attention(nnx.Module):
     return self.out(o.reshape(b, t, d))
 
 
+# FFN activations: GELU, ReLU² and Q-Sparse's top-k (a quarter of the units, straight-through).
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu2": sj.activations.relu2,
+               "topk": lambda h: sj.activations.topk(jax.nn.gelu(h), 0.25)}
+
+
 class TransformerBlock(nnx.Module):
 
-  def __init__(self, attention, ffn, rngs):
+  def __init__(self, attention, ffn, rngs, activation="gelu"):
     d = _DIM.value
+    self.activation = ACTIVATIONS[activation]
     self.norm1 = nnx.LayerNorm(d, rngs=rngs)
     self.attention = Attention(attention, rngs)
     self.norm2 = nnx.LayerNorm(d, rngs=rngs)
@@ -185,17 +191,18 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x, segment_ids=None):
     x = x + self.attention(self.norm1(x), segment_ids)
-    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+    return x + self.down(self.activation(self.up(self.norm2(x))))
 
 
 class LM(nnx.Module):
   """A decoder-only byte-level transformer."""
 
-  def __init__(self, attention, ffn, rngs):
+  def __init__(self, attention, ffn, rngs, activation="gelu"):
     d = _DIM.value
     self.embed = nnx.Embed(256, d, rngs=rngs)
     self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (_SEQ.value, d)))
-    self.blocks = nnx.List([TransformerBlock(attention, ffn, rngs) for _ in range(_LAYERS.value)])
+    self.blocks = nnx.List([TransformerBlock(attention, ffn, rngs, activation)
+                            for _ in range(_LAYERS.value)])
     self.norm = nnx.LayerNorm(d, rngs=rngs)
 
   def __call__(self, tokens):
@@ -231,17 +238,19 @@ def eval_loss(model, x, y):
   return cross_entropy(model, x, y)
 
 
-def run(attention, ffn, train_data, val_batches):
-  model = LM(attention, ffn, nnx.Rngs(_SEED.value))
+def run(attention, ffn, train_data, val_batches, activation="gelu"):
+  """Trains one configuration; returns (val loss, FFN weight sparsity, loss curve, model)."""
+  model = LM(attention, ffn, nnx.Rngs(_SEED.value), activation)
   optimizer = make_optimizer(model, ffn)
   rng = np.random.default_rng(_SEED.value)
   curve, start, width = [], time.perf_counter(), 30
+  label = ffn if activation == "gelu" else activation
   for i, (x, y) in enumerate(batches(train_data, rng, _STEPS.value), 1):
     loss = train_step(model, optimizer, x, y, ffn == "n_m")
     if i % 10 == 0 or i == _STEPS.value:
       curve.append((i, float(loss)))
       done = width * i // _STEPS.value
-      sys.stdout.write(f"\r  attention={attention:<7} ffn={ffn:<5} [{'#' * done}{'.' * (width - done)}]"
+      sys.stdout.write(f"\r  attention={attention:<7} ffn={label:<5} [{'#' * done}{'.' * (width - done)}]"
                        f" {i}/{_STEPS.value} loss {float(loss):.3f} "
                        f"{time.perf_counter() - start:5.1f}s")
       sys.stdout.flush()
@@ -255,9 +264,9 @@ def run(attention, ffn, train_data, val_batches):
   kernels = [np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
              if path[-2:] in (("up", "kernel"), ("down", "kernel"))]
   ffn_sparsity = 1 - sum(np.count_nonzero(k) for k in kernels) / sum(k.size for k in kernels)
-  print(f"\r  attention={attention:<7} ffn={ffn:<5} val loss {val:.4f}  "
+  print(f"\r  attention={attention:<7} ffn={label:<5} val loss {val:.4f}  "
         f"({time.perf_counter() - start:.1f}s) {note}" + " " * 20)
-  return val, ffn_sparsity, curve
+  return val, ffn_sparsity, curve, model
 
 
 def main(argv):
@@ -288,7 +297,7 @@ def main(argv):
   base = results[("dense", "dense")][0]
   print("\n| attention | attention density | FFN | FFN sparsity | val loss | vs dense |")
   print("| --- | ---: | --- | ---: | ---: | ---: |")
-  for (attention, ffn), (val, sparsity, _) in results.items():
+  for (attention, ffn), (val, sparsity, *_) in results.items():
     density = attention_density(attention, val_batches[0][0] if _DOCUMENTS.value else None)
     print(f"| {attention} | {density:.3f} | {ffn} | {sparsity:.3f} | "
           f"{val:.4f} | {val - base:+.4f} |")
@@ -298,7 +307,7 @@ def main(argv):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (attention, ffn), (_, _, curve) in results.items():
+    for (attention, ffn), (_, _, curve, _) in results.items():
       steps, losses = zip(*curve)
       ax.plot(steps, losses, label=f"attention {attention}, ffn {ffn}")
     ax.set_xlabel("step")

@@ -247,3 +247,20 @@ def test_finetune_lm_prints_every_method(tmp_path):
     low, high = (2, 6) if name in ("lora", "sparse_lowrank") else (2.5, 3.5)
     assert low <= float(rows[name][2]) <= high, rows[name]  # % of the kernels trained
   assert (tmp_path / "ft_lm.png").stat().st_size > 1000
+
+
+def test_activation_sparsity_trains_thresholds_and_decodes(tmp_path):
+  out = run_example("activation_sparsity.py", "--steps=10", "--dim=32", "--heads=2",
+                    "--layers=1", "--seq=32", "--batch=4", "--eval_batches=1",
+                    "--calibration_batches=2", "--sparsities=0.25,0.5", "--prompt=8",
+                    "--timed_runs=1", f"--plot_path={tmp_path / 'act.png'}", cwd=tmp_path)
+  cells = [l.strip("| ").split(" | ") for l in out.splitlines() if l.startswith("| ")]
+  trained = {c[0]: c for c in cells if c[0] in ("gelu", "relu2", "topk")}
+  assert float(trained["gelu"][3]) == 0 and float(trained["relu2"][3]) > 0.2, trained
+  assert abs(float(trained["topk"][3]) - 0.75) < 0.01, trained  # a quarter of the units kept
+  free = [c for c in cells if c[0] in ("teal", "chess", "wina")]
+  assert len(free) == 6, out
+  for rule, target, got, loss, _ in free:
+    assert abs(float(got) - float(target)) < 0.1 and 0 < float(loss) < 6, (rule, target, got)
+  assert "tokens/s" in out.split("decode, batch 1")[1]
+  assert (tmp_path / "act.png").stat().st_size > 1000
