@@ -16,3 +16,9 @@ LANES, SUBLANES = 128, 8  # TPU vector tiles
 def dot(a, b, dims):
   """`lax.dot_general` accumulating in float32."""
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def triton_params(num_warps: int, num_stages: int):
+  """Triton launch settings: passing them selects the Triton backend (Ampere and newer)."""
+  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+  return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -57,9 +57,7 @@ class BlockSizes:
 
 def _compiler_params(block_sizes: BlockSizes):
   """The backend choice, in one place: Triton, which runs on Ampere and newer."""
-  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-  return pl_triton.CompilerParams(num_warps=block_sizes.num_warps,
-                                  num_stages=block_sizes.num_stages)
+  return pallas_common.triton_params(block_sizes.num_warps, block_sizes.num_stages)
 
 
 def _validate_args(page_size: int, head_dim: int, block_sizes: BlockSizes):

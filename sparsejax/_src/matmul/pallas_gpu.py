@@ -47,8 +47,7 @@ class BlockSizes:
     """Triton launch settings (None in the interpreter)."""
     if interpret:
       return None
-    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-    return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+    return pallas_common.triton_params(self.num_warps, self.num_stages)
 
 
 def _validate_args(x, w: format_lib.BlockSparseMatrix, block_sizes: BlockSizes):

@@ -45,6 +45,13 @@ class NonzeroIndex(NamedTuple):
   indices: jax.Array
   count: jax.Array
 
+  def listed(self, x: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:
+    """(indices, ``x[:, indices]`` zero past `count`), padded to a multiple of `multiple`."""
+    pad = -self.indices.shape[0] % multiple
+    indices = jnp.pad(self.indices, (0, pad), mode="edge")
+    live = jnp.arange(indices.shape[0]) < self.count
+    return indices, jnp.where(live[None], jnp.take(x, indices, axis=1), 0)
+
 
 def nonzero_index(x: jax.Array) -> NonzeroIndex:
   """The `NonzeroIndex` of rows ``x`` [M, K]: channels nonzero in at least one row."""
@@ -80,11 +87,7 @@ def reference(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _xla_walk(x: jax.Array, w: jax.Array, index: NonzeroIndex) -> jax.Array:
   """``x @ w`` as a loop over `index`'s rows of `w`, `_CHUNK` rows a step."""
-  m, k = x.shape
-  pad = -k % _CHUNK
-  indices = jnp.pad(index.indices, (0, pad), mode="edge")
-  live = jnp.arange(k + pad) < index.count
-  values = jnp.where(live, jnp.take(jnp.pad(x, [(0, 0), (0, pad)]), indices, axis=1), 0)
+  indices, values = index.listed(x, _CHUNK)
   values = values.astype(jnp.float32)
 
   def step(c, acc):
@@ -95,7 +98,7 @@ def _xla_walk(x: jax.Array, w: jax.Array, index: NonzeroIndex) -> jax.Array:
     return acc
 
   steps = (index.count + _CHUNK - 1) // _CHUNK
-  return lax.fori_loop(0, steps, step, jnp.zeros((m, w.shape[1]), jnp.float32))
+  return lax.fori_loop(0, steps, step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32))
 
 
 def _dense(x: jax.Array, w: jax.Array) -> jax.Array:

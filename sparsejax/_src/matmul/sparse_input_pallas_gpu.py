@@ -56,9 +56,7 @@ class BlockSizes:
 
 def _compiler_params(block_sizes: BlockSizes):
   """The backend choice, in one place: Triton, which runs on Ampere and newer."""
-  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-  return pl_triton.CompilerParams(num_warps=block_sizes.num_warps,
-                                  num_stages=block_sizes.num_stages)
+  return pallas_common.triton_params(block_sizes.num_warps, block_sizes.num_stages)
 
 
 def tiles(n: int) -> bool:
@@ -123,10 +121,7 @@ def sparse_input_matmul(x2: jax.Array, w: jax.Array, index, *,
   block_n = min(block_sizes.block_n, n & -n)  # the largest power of 2 dividing n, at most this
   chunks = pl.cdiv(k, block_k)
   splits = max(1, min(chunks, pl.cdiv(block_sizes.programs, n // block_n)))
-  pad = chunks * block_k - k
-  indices = jnp.pad(index.indices, (0, pad), mode="edge")
-  live = jnp.arange(k + pad) < index.count
-  values = jnp.where(live[None], jnp.take(x2, indices, axis=1), 0)
+  indices, values = index.listed(x2, block_k)
   values = jnp.pad(values, [(0, _MIN_TILE - m), (0, 0)])  # [16, chunks * block_k]
   whole = lambda a: pl.BlockSpec(a.shape, lambda j, s, d=a.ndim: (0,) * d)  # noqa: E731
   count = index.count.reshape(1)

@@ -123,10 +123,7 @@ def sparse_input_matmul(x2: jax.Array, w: jax.Array, index, *,
   block_n = _block_n(n, block_sizes.block_n)
   rows = _SUBLANES * pl.cdiv(m, _SUBLANES)
   chunks = pl.cdiv(k, block_k)
-  pad = chunks * block_k - k
-  live = jnp.arange(k + pad) < index.count
-  values = jnp.where(live[None], jnp.take(jnp.pad(x2, [(0, 0), (0, pad)]),
-                                          jnp.pad(index.indices, (0, pad), mode="edge"), axis=1), 0)
+  _, values = index.listed(x2, block_k)
   values = jnp.pad(values.astype(jnp.float32), [(0, rows - m), (0, 0)])
   values = values.reshape(rows, chunks, block_k).transpose(1, 0, 2)  # [chunks, rows, block_k]
   steps = jnp.maximum(pl.cdiv(index.count, block_k), 1)  # step 0 zeroes the output
