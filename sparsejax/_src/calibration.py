@@ -72,7 +72,7 @@ def hist_quantile(counts: jax.Array, q: jax.Array) -> jax.Array:
   counts = counts.astype(jnp.float32)
   cum = jnp.cumsum(counts, axis=-1)
   total = cum[..., -1:]
-  target = jnp.asarray(q, jnp.float32)[..., None] * total
+  target = jnp.asarray(q, jnp.float32)[..., None] * total if jnp.ndim(q) else q * total
   b = jnp.minimum(jnp.sum(cum < target, axis=-1, keepdims=True), HIST_BINS - 1)
   below = jnp.take_along_axis(cum, b, -1) - jnp.take_along_axis(counts, b, -1)
   inside = jnp.take_along_axis(counts, b, -1)
