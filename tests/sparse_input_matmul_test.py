@@ -56,6 +56,18 @@ def test_the_loop_walks_exactly_the_listed_rows():
   assert int(empty.count) == 0 and not np.asarray(empty.indices).any()
 
 
+@pytest.mark.parametrize("k", [1, 64, 96, 4099])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_the_index_lists_every_nonzero_channel_in_order(k, density):
+  # The running count is built from blocks of 64: widths around and far past one block.
+  x = jnp.asarray(np.random.default_rng(k).random((2, k)) < density, jnp.float32)
+  nonzero = np.flatnonzero(np.asarray(x != 0).any(0))
+  index = jax.jit(sparse_input.nonzero_index)(x)
+  assert int(index.count) == len(nonzero)
+  np.testing.assert_array_equal(index.indices[:len(nonzero)], nonzero)
+  np.testing.assert_array_equal(index.indices[len(nonzero):], nonzero[-1] if len(nonzero) else 0)
+
+
 def test_gradients_are_the_dense_products():
   x = _sparse((2, K), 0.8)
   w = jnp.asarray(np.random.default_rng(1).standard_normal((K, N)), jnp.float32)

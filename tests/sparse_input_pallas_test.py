@@ -144,7 +144,9 @@ def test_bad_input_and_default():
 
 @pytest.mark.parametrize("backend, n, expected", [
     ("gpu", 256, "pallas_triton"), ("gpu", 40, "xla"), ("tpu", 384, "pallas_tpu"),
-    ("tpu", 200, "xla"), ("cpu", 256, "xla")])
+    ("tpu", 200, "xla"), ("cpu", 256, "xla"), ("gpu", 16, "dense"), ("cpu", 16, "dense")])
 def test_default_implementation_where_the_kernel_tiles(monkeypatch, backend, n, expected):
+  # w [4096, n] float32: 16 columns are 256 KiB, under the size where listing rows pays.
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  assert sparse_input.default_implementation(n) == expected
+  w = jax.ShapeDtypeStruct((4096, n), jnp.float32)
+  assert sparse_input.default_implementation(w) == expected
