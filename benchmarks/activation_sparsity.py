@@ -14,7 +14,11 @@ zero and w [d, d_out], for each `implementation` beside the jitted dense
 Each sparsity has exactly its share of zeros per row. Results are checked
 against the float32 product before they are timed. Dense and sparse calls
 interleave over rounds (each round times `--calls` calls of each row, after
-one warm-up); the median round is reported. The dense time of a group (one
+one warm-up); the median round is reported. Successive calls cycle through
+copies of w that together fill `--working_set_mb`, as a decode step goes
+through its layers: each call reads its w from memory, not from a cache
+that one hot matrix would fit (a 2048^2 float32 w is 16 MB, half of the
+L3 of the CPU machine this was tuned on). The dense time of a group (one
 d, batch and pattern) is the median of its dense rows, one per sparsity, all
 timed in the same rounds: a dense product costs the same whatever the
 zeros. At the end: issue 17's CPU targets at batch 1 (50% sparsity at most
@@ -46,7 +50,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"
 _IMPLS = flags.DEFINE_list("implementations", None, "sparse_input_matmul implementations "
                            "(default: 'xla' on CPU; 'pallas_triton' and 'xla' on GPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 9, "Timed rounds (median).")
-_CALLS = flags.DEFINE_integer("calls", 5, "Calls of each row timed per round.")
+_CALLS = flags.DEFINE_integer("calls", 5, "Calls of each row timed per round (at least one "
+                              "per copy of w).")
+_WORKING_SET = flags.DEFINE_integer("working_set_mb", 256, "Copies of w cycled through by "
+                                    "successive calls fill this many MB (1 copy at least).")
 
 TARGETS = {50.0: 0.65, 90.0: 0.2}  # issue 17, CPU, batch 1: sparsity (%) -> time ÷ dense
 
@@ -74,10 +81,10 @@ def checked(fn, x, w, want, tol):
 
 
 def repeated(fn, calls):
-  """`fn` called `calls` times in a row, each to completion (one timed unit of a round)."""
-  def run(*args):
-    for _ in range(calls):
-      out = jax.block_until_ready(fn(*args))
+  """`fn(x, ws[i % len(ws)])` for i < `calls`, each to completion (one timed unit of a round)."""
+  def run(x, ws):
+    for i in range(calls):
+      out = jax.block_until_ready(fn(x, ws[i % len(ws)]))
     return out
   return run
 
@@ -88,10 +95,11 @@ def main(argv):
   impls = _IMPLS.value or implementations(backend)
   if backend == "gpu":
     impls = sorted(impls, key=lambda name: name != "pallas_triton")  # the kernel first
-  dtype, calls = jnp.dtype(_DTYPE.value), _CALLS.value
+  dtype = jnp.dtype(_DTYPE.value)
   tol = 1e-4 if dtype == jnp.float32 else 2e-2
   print(f"{backend}, jax {jax.__version__}; {dtype.name}, d_out {_D_OUT.value or 'd'}, "
-        f"median of {_REPEATS.value} interleaved rounds of {calls} calls; "
+        f"median of {_REPEATS.value} interleaved rounds of {_CALLS.value}+ calls cycling "
+        f"through {_WORKING_SET.value} MB of w copies; "
         f"implementations: {', '.join(impls)}"
         + (" (Pallas in interpret mode)" if backend == "cpu" and any("pallas" in i for i in impls)
            else "") + "\n")
@@ -107,6 +115,9 @@ def main(argv):
   for d in map(int, _DS.value):
     d_out = _D_OUT.value or d
     w = jnp.asarray(rng.standard_normal((d, d_out), np.float32) / np.sqrt(d), dtype)
+    copies = max(1, -(-_WORKING_SET.value * 2**20 // w.nbytes))
+    ws = [w] + [w + 0 for _ in range(copies - 1)]  # distinct buffers, same values
+    calls = max(_CALLS.value, copies)
     for batch in map(int, _BATCHES.value):
       for pattern in (["random"] if batch == 1 else _PATTERNS.value):
         rows = []  # (sparsity %, union density, impl or None for dense, x, error)
@@ -119,7 +130,7 @@ def main(argv):
           rows += [(percent, union, name, x, checked(sparse[name], x, w, want, tol))
                    for name in impls]
         live = [r for r in rows if r[4] is None]
-        results = timed_rounds([(repeated(sparse[r[2]] if r[2] else dense, calls), (r[3], w))
+        results = timed_rounds([(repeated(sparse[r[2]] if r[2] else dense, calls), (r[3], ws))
                                 for r in live], repeats=_REPEATS.value)
         seconds = {id(r): result for r, result in zip(live, results)}
         # The dense product costs the same whatever the zeros: one time for the group, the
