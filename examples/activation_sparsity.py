@@ -7,9 +7,11 @@ r"""Activation sparsity on the byte-level LM: trained sparse FFNs, then threshol
    the share of exact zeros its FFN hidden units reach on validation data.
 2. Calibrates the GELU model once (`sj.calibrate(..., histogram=True)`) and
    thresholds the inputs of every Linear layer (attention projections and
-   FFN) after training with TEAL, CHESS and WINA at each `--sparsities`
-   (`sj.nn.sparsify_inputs`), reporting validation loss against the input
-   sparsity reached on validation data.
+   FFN) after training with TEAL (one sparsity for every layer, or spread
+   by its greedy allocation, `sj.activations.allocate`), CHESS and WINA at
+   each `--sparsities` (`sj.nn.sparsify_inputs`), reporting validation loss
+   against the input sparsity reached on validation data (weighted by
+   kernel size: the share of weight reads skipped).
 3. Generates bytes one token at a time with the dense GELU model and with
    its `--decode_rule` version at `--decode_sparsity`, whose Linear layers
    multiply with `sparse_input_matmul`, and reports tokens per second.
@@ -41,7 +43,7 @@ for _name, _value in [("steps", 300), ("seq", 128), ("batch", 16), ("eval_batche
                       ("plot_path", "activation_sparsity.png")]:
   flags.FLAGS.set_default(_name, _value)
 
-RULES = ("teal", "chess", "wina")
+RULES = ("teal", "teal_greedy", "chess", "wina")
 _ACTIVATIONS = flags.DEFINE_list("activations", list(train_lm.ACTIVATIONS),
                                  f"FFN activations to train, of {tuple(train_lm.ACTIVATIONS)}.")
 _RULES = flags.DEFINE_list("free_rules", list(RULES), f"Training-free rules, of {RULES}.")
@@ -49,6 +51,10 @@ _SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5"],
                                 "Input sparsities for the training-free rules.")
 _DECODE_RULE = flags.DEFINE_enum("decode_rule", "teal", RULES, "Rule of the timed sparse decode.")
 _DECODE_SPARSITY = flags.DEFINE_float("decode_sparsity", 0.5, "Sparsity of the timed decode.")
+_DECODE_IMPL = flags.DEFINE_enum(
+    "decode_implementation", "xla", ["xla", "pallas", "default"],
+    "sparse_input_matmul implementation of the timed sparse decode; 'default' lets it choose "
+    "(the dense product for layers under 512 KiB, as at the default width).")
 
 
 def ffn_hidden(model, tokens):
@@ -68,15 +74,18 @@ def val_loss(model, val_batches):
 
 
 def reached(calibration, thresholds):
-  """Input sparsity averaged over the layers, weighted by their input entries."""
+  """Input sparsity averaged over the layers, weighted by kernel size: the share of weight reads skipped."""
   shares = sj.activations.input_sparsity(calibration, thresholds)
-  sizes = {l.path: l.d_in for l in calibration.layers}
+  sizes = {l.path: l.d_in * l.d_out for l in calibration.layers}
   return sum(float(s) * sizes[p] for p, s in shares.items()) / sum(sizes[p] for p in shares)
 
 
 def thresholds_of(rule, model, calibration, sparsity):
   if rule == "wina":
     return sj.activations.wina(model, calibration, sparsity=sparsity)
+  if rule == "teal_greedy":  # per-layer sparsities by TEAL's greedy allocation
+    sparsities = sj.activations.allocate(model, calibration, sparsity=sparsity)
+    return sj.activations.teal(calibration, sparsity=sparsities)
   return getattr(sj.activations, rule)(calibration, sparsity=sparsity)
 
 
@@ -133,14 +142,17 @@ def main(argv):
                                   for i in starts]), jnp.int32)
   key, pattern = jax.random.key(0), generate_lm.make_pattern("dense")
   thresholds = thresholds_of(_DECODE_RULE.value, gelu_model, calibration, _DECODE_SPARSITY.value)
-  sparse = sj.nn.sparsify_inputs(nnx.clone(gelu_model), thresholds)
+  implementation = None if _DECODE_IMPL.value == "default" else _DECODE_IMPL.value
+  sparse = sj.nn.sparsify_inputs(nnx.clone(gelu_model), thresholds, implementation=implementation)
   _, dense_speed = generate_lm.tokens_per_second(gelu_model, pattern, prompts, key)
   _, sparse_speed = generate_lm.tokens_per_second(sparse, pattern, prompts, key)
   print(f"\ndecode, batch {prompts.shape[0]}, width {train_lm._DIM.value}: dense "  # pylint: disable=protected-access
         f"{dense_speed:.0f} tokens/s, {_DECODE_RULE.value} at {_DECODE_SPARSITY.value:.0%} "
-        f"(sparse_input_matmul) {sparse_speed:.0f} tokens/s: {sparse_speed / dense_speed:.2f}x. "
-        "At this width a layer's weight is a few hundred KiB and the step is overhead-bound; "
-        "benchmarks/activation_sparsity.py measures the matmul at decode widths.")
+        f"(sparse_input_matmul, {_DECODE_IMPL.value}) {sparse_speed:.0f} tokens/s: "
+        f"{sparse_speed / dense_speed:.2f}x. At this width every weight is under 512 KiB and "
+        "listing its nonzero inputs costs more than reading it (the default implementation "
+        "then takes the dense product); benchmarks/activation_sparsity.py measures the matmul "
+        "at decode widths.")
 
   plot_path = train_lm._PLOT_PATH.value  # pylint: disable=protected-access
   if plot_path:

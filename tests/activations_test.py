@@ -179,6 +179,43 @@ def test_sparsify_inputs_thresholds_linear_inputs_and_keeps_the_params():
   assert float(jnp.max(jnp.abs(want - model(rows)))) > 1e-3  # the thresholds did something
 
 
+def _sizes_and_sparsities(calibration, sparsities):
+  return [(l.d_in * l.d_out, sparsities[l.path.split("/")[0]]["kernel"])
+          for l in calibration.layers]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.33, 0.95])  # 0.33: the last raise gives back
+def test_allocate_keeps_the_size_weighted_mean_exactly(sparsity):
+  model = _MLP(nnx.Rngs(0))
+  calibration = sj.calibrate(model, [_inputs(0, 2048, SCALES)], histogram=True, gram=False)
+  sparsities = act.allocate(model, calibration, sparsity=sparsity)
+  assert sparsities["up"]["bias"] is None
+  pairs = _sizes_and_sparsities(calibration, sparsities)
+  assert all(0.0 <= s <= 0.95 for _, s in pairs)
+  mean = sum(n * s for n, s in pairs) / sum(n for n, _ in pairs)
+  assert mean == pytest.approx(sparsity, abs=1e-9)
+
+
+def test_allocate_gives_more_to_the_layer_whose_inputs_are_mostly_small():
+  # Gaussian inputs to the first layer; the second sees their GELU, about
+  # half of it near zero, so zeroing its smallest inputs costs less. Equal sizes.
+  model = _MLP(nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((8192, D_IN)), jnp.float32)
+  calibration = sj.calibrate(model, [x], histogram=True, gram=False)
+  sparsities = act.allocate(model, calibration, sparsity=0.5)
+  up, down = sparsities["up"]["kernel"], sparsities["down"]["kernel"]
+  assert down > up + 0.1 and (up + down) / 2 == pytest.approx(0.5)
+  held_out = jnp.asarray(rng.standard_normal((4096, D_IN)), jnp.float32)
+  dense = model(held_out)
+
+  def error(s):
+    sparse = sj.nn.sparsify_inputs(nnx.clone(model), act.teal(calibration, sparsity=s))
+    return float(jnp.mean((sparse(held_out) - dense) ** 2))
+
+  assert error(sparsities) < 0.8 * error(0.5)  # measured: 0.57x
+
+
 def test_training_free_bad_input():
   model = _MLP(nnx.Rngs(0))
   x = _inputs(0, 256, SCALES)
@@ -196,6 +233,15 @@ def test_training_free_bad_input():
     sj.calibrate(model, [x[:, :31]], histogram=True)
   with pytest.raises(ValueError, match="params has no kernel of shape"):
     act.wina({"up": {"kernel": jnp.ones((3, 3))}}, calibration, sparsity=0.5)
+  with pytest.raises(ValueError, match="params has no kernel of shape"):
+    act.allocate({"up": {"kernel": jnp.ones((3, 3))}}, calibration, sparsity=0.5)
+  with pytest.raises(ValueError, match=r"sparsity=0.97 must be at most 0.95, the highest "
+                     r"multiple of step=0.05 below 1"):
+    act.allocate(model, calibration, sparsity=0.97)
+  with pytest.raises(ValueError, match=r"step=0 must be in \(0, 0.5\]"):
+    act.allocate(model, calibration, sparsity=0.5, step=0)
+  with pytest.raises(ValueError, match="calibrate with sj.calibrate.*histogram=True"):
+    act.allocate(model, sj.calibrate(model, [x], gram=False), sparsity=0.5)
   thresholds = act.teal(calibration, sparsity=0.5)
   with pytest.raises(ValueError, match=r"thresholds at up/kernel have shape \(31,\); the layer "
                      "takes 32 inputs"):

@@ -258,8 +258,8 @@ def test_activation_sparsity_trains_thresholds_and_decodes(tmp_path):
   trained = {c[0]: c for c in cells if c[0] in ("gelu", "relu2", "topk")}
   assert float(trained["gelu"][3]) == 0 and float(trained["relu2"][3]) > 0.2, trained
   assert abs(float(trained["topk"][3]) - 0.75) < 0.01, trained  # a quarter of the units kept
-  free = [c for c in cells if c[0] in ("teal", "chess", "wina")]
-  assert len(free) == 6, out
+  free = [c for c in cells if c[0] in ("teal", "teal_greedy", "chess", "wina")]
+  assert len(free) == 8, out
   for rule, target, got, loss, _ in free:
     assert abs(float(got) - float(target)) < 0.1 and 0 < float(loss) < 6, (rule, target, got)
   assert "tokens/s" in out.split("decode, batch 1")[1]

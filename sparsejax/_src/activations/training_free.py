@@ -35,7 +35,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from sparsejax._src import _checks
 from sparsejax._src import calibration as calibration_lib
 from sparsejax._src import pytree
 
@@ -131,17 +133,109 @@ def wina(params: Any, calibration: Any, *, sparsity: Any) -> PyTree:
   Returns:
     thresholds: float32 [d_in] at every calibrated kernel.
   """
-  found = {pytree.path_str(p): pytree.unwrap(v)
-           for p, v in pytree.flatten(calibration_lib.as_params(params))[0]}
+  calibration = calibration_lib.check_calibration("wina", calibration)
+  kernels = _kernels("wina", params, calibration)
 
   def rule(layer, stats, s):
+    return _weighted_threshold(stats.abs_hist, jnp.linalg.norm(kernels[layer.path], axis=1), s)
+  return _thresholds("wina", calibration, sparsity, rule)
+
+
+def _kernels(owner: str, params: Any, calibration: Any) -> dict[str, jax.Array]:
+  """Each calibrated layer's kernel as a float32 [d_in, d_out] matrix, by path."""
+  found = {pytree.path_str(p): pytree.unwrap(v)
+           for p, v in pytree.flatten(calibration_lib.as_params(params))[0]}
+  out = {}
+  for layer in calibration.layers:
     kernel = found.get(layer.path)
     if kernel is None or tuple(jnp.shape(kernel)) != layer.kernel_shape:
-      raise ValueError(f"wina: params has no kernel of shape {layer.kernel_shape} at "
+      raise ValueError(f"{owner}: params has no kernel of shape {layer.kernel_shape} at "
                        f"{layer.path}; give the params (or model) that was calibrated")
-    norms = jnp.linalg.norm(layer.to_matrix(jnp.asarray(kernel, jnp.float32)), axis=1)
-    return _weighted_threshold(stats.abs_hist, norms, s)
-  return _thresholds("wina", calibration, sparsity, rule)
+    out[layer.path] = layer.to_matrix(jnp.asarray(kernel, jnp.float32))
+  return out
+
+
+def _relative_errors(hist: np.ndarray, row_norms: np.ndarray, levels: np.ndarray) -> np.ndarray:
+  """A layer's relative output error ``||dX W||^2 / ||X W||^2`` at each sparsity in `levels`.
+
+  With TEAL's one threshold, sparsity s zeroes the smallest share s of the
+  inputs: from the histogram, whole bins from the bottom and a share of the
+  bin where s falls. Each zeroed entry costs ``x^2 ||W_j||^2`` (cross terms
+  between channels neglected), x at its bin's geometric middle.
+  """
+  bins = np.arange(calibration_lib.HIST_BINS)
+  middle = 2.0 ** (calibration_lib.HIST_LOW + (bins - 0.5) / calibration_lib.HIST_PER_OCTAVE)
+  middle[0] = 0.0
+  counts = hist.sum(0)
+  energy = (row_norms ** 2 @ hist) * middle ** 2  # per bin, over channels
+  cum_counts = np.concatenate([[0.0], np.cumsum(counts)])
+  cum_energy = np.concatenate([[0.0], np.cumsum(energy)])
+  target = levels * cum_counts[-1]
+  b = np.clip(np.searchsorted(cum_counts, target, side="right") - 1, 0, len(counts) - 1)
+  share = np.clip((target - cum_counts[b]) / np.maximum(counts[b], 1e-30), 0.0, 1.0)
+  return (cum_energy[b] + share * energy[b]) / max(cum_energy[-1], 1e-30)
+
+
+def allocate(params: Any, calibration: Any, *, sparsity: float, step: float = 0.05) -> PyTree:
+  """Per-layer sparsities by TEAL's greedy allocation, their size-weighted mean exactly `sparsity`.
+
+  Starting from zero everywhere, each round raises by `step` the layer whose
+  relative output error (estimated from the calibration's histograms and
+  the kernel's row norms, for TEAL's per-layer threshold) grows least per
+  weight row skipped, until the mean over layers, weighted by kernel size,
+  reaches `sparsity`; the last layer raised gives back the excess. Layers
+  whose inputs are mostly small (heavy-tailed, or near-zero channels) take
+  more sparsity, those where every input matters take less. TEAL measures
+  each block's output error with forward passes; here the estimate is
+  per layer, from statistics already calibrated, so no pass is needed.
+
+  Args:
+    params: the calibrated nnx Module, or its params.
+    calibration: from ``sj.calibrate(model, batches, histogram=True)``.
+    sparsity: the mean target, a float in [0, 1 - step].
+    step: the increment of one round, in (0, 0.5].
+
+  Returns:
+    the sparsities: a float at every calibrated kernel, None elsewhere (the
+    params' structure), for `teal`, `chess` or `wina`.
+
+  Example:
+    >>> sparsities = sj.activations.allocate(model, calibration, sparsity=0.5)
+    >>> thresholds = sj.activations.teal(calibration, sparsity=sparsities)
+  """
+  owner = "allocate"
+  calibration = calibration_lib.check_calibration(owner, calibration)
+  if not calibration.has_histogram:
+    raise ValueError(f"{owner}: the calibration has no |x| histograms: calibrate with "
+                     "sj.calibrate(model, batches, histogram=True)")
+  _checks.static_float("step", step)
+  if not 0 < step <= 0.5:
+    raise ValueError(f"step={step} must be in (0, 0.5]")
+  _checks.fraction("sparsity", sparsity, schedule=False)
+  levels = np.round(np.arange(int(np.floor((1 - 1e-9) / step)) + 1) * step, 12)
+  top = levels[-1]  # the highest level below 1
+  if sparsity > top + 1e-12:
+    raise ValueError(f"sparsity={sparsity} must be at most {top:g}, the highest multiple of "
+                     f"step={step} below 1")
+  kernels = _kernels(owner, params, calibration)
+  layers = calibration.layers
+  errors = [_relative_errors(np.asarray(calibration[l.path].abs_hist, np.float64),
+                             np.linalg.norm(np.asarray(kernels[l.path], np.float64), axis=1),
+                             levels) for l in layers]
+  sizes = np.array([l.d_in * l.d_out for l in layers], np.float64)
+  level = np.zeros(len(layers), int)
+  goal = sparsity * sizes.sum()
+  reached = 0.0
+  while reached < goal - 1e-9:
+    cost = [(e[k + 1] - e[k]) / size if k + 1 < len(levels) else np.inf
+            for e, k, size in zip(errors, level, sizes)]
+    i = int(np.argmin(cost))  # ties: the first layer
+    level[i] += 1
+    reached += step * sizes[i]
+  out = levels[level]
+  if reached > goal:  # the last layer raised gives back the excess
+    out[i] -= (reached - goal) / sizes[i]
+  return calibration.paired({l.path: float(np.clip(s, 0.0, top)) for l, s in zip(layers, out)})
 
 
 def input_sparsity(calibration: Any, thresholds: PyTree) -> dict[str, jax.Array]:
