@@ -76,6 +76,28 @@ def test_post_training_section_runs():
   assert abs(kept - 0.3 * 2 * 32 * 128) <= 2 * 128  # per-output rounding of per-layer sparsities
 
 
+def test_activations_block_runs(capsys):
+  readme = (ROOT / "README.md").read_text()
+  code = re.search(r"```python\n(.*?)```", readme.split("<!-- activations")[1], re.S).group(1)
+  scope = {}
+  with jax.numpy_rank_promotion("allow"):  # user code broadcasts biases
+    exec(compile(code, "README activations", "exec"), scope)  # pylint: disable=exec-used
+  out = capsys.readouterr().out
+  import sparsejax as sj  # pylint: disable=g-import-not-at-top
+  reached = sj.activations.input_sparsity(scope["held_out"], scope["thresholds"])
+  assert set(reached) == {"up/kernel", "down/kernel"} and "up/kernel" in out
+  assert all(abs(float(v) - 0.5) <= 0.03 for v in reached.values()), reached
+  # The sparse model is the dense one on inputs zeroed at or below their thresholds.
+  model, x = scope["model"], scope["batches"][5][:1]
+  t = scope["thresholds"]
+  up, down = model.up, model.down
+  with jax.numpy_rank_promotion("allow"):
+    h = jax.nn.gelu(up(np.where(np.abs(x) <= np.asarray(t["up"]["kernel"]), 0, x)))
+    want = down(np.where(np.abs(h) <= np.asarray(t["down"]["kernel"]), 0, h))
+  np.testing.assert_allclose(scope["y"], want, rtol=1e-5, atol=1e-5)
+  assert float(np.mean(np.asarray(scope["h"]) == 0)) >= 0.75
+
+
 def test_attention_mods_section_runs(monkeypatch):
   """The packed-documents block runs, and its gradients equal the reference implementation's."""
   readme = (ROOT / "README.md").read_text()
