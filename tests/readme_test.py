@@ -9,13 +9,22 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_runs(capsys):
+def run_block(marker, *, broadcasts=False):
+  """Runs the README's python block after ``<!-- marker``; returns its globals.
+
+  `broadcasts`: the block broadcasts across ranks (biases, as user code does),
+  so it runs with rank promotion allowed.
+  """
   readme = (ROOT / "README.md").read_text()
-  block = readme.split("<!-- quickstart")[1]
-  code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+  code = re.search(r"```python\n(.*?)```", readme.split(f"<!-- {marker}")[1], re.S).group(1)
   scope = {}
-  with jax.numpy_rank_promotion("allow"):  # user code broadcasts biases
-    exec(compile(code, "README quickstart", "exec"), scope)  # pylint: disable=exec-used
+  with jax.numpy_rank_promotion("allow" if broadcasts else "raise"):
+    exec(compile(code, f"README {marker}", "exec"), scope)  # pylint: disable=exec-used
+  return scope
+
+
+def test_quickstart_runs(capsys):
+  scope = run_block("quickstart", broadcasts=True)
   import sparsejax as sj  # pylint: disable=g-import-not-at-top
   masks, params = sj.get_masks(scope["state"]), scope["params"]
   # Past end_step the kernels hold exactly their ERK share of a 90% target.
@@ -53,21 +62,14 @@ def test_writing_a_method_blocks_run():
 
 
 def test_block_sparse_section_runs():
-  readme = (ROOT / "README.md").read_text()
-  code = re.search(r"```python\n(.*?)```", readme.split("<!-- blocksparse -->")[1], re.S).group(1)
-  scope = {}
-  with jax.numpy_rank_promotion("allow"):
-    exec(compile(code, "README block-sparse", "exec"), scope)  # pylint: disable=exec-used
+  scope = run_block("blocksparse", broadcasts=True)
   np.testing.assert_allclose(np.asarray(scope["y"]), 128.0)  # half of 256 ones
   assert scope["layer"].layout is not None  # converted: the RigL-free kernel is all blocks
   assert scope["fly"](np.ones((2, 256), np.float32)).shape == (2, 256)
 
 
 def test_post_training_section_runs():
-  readme = (ROOT / "README.md").read_text()
-  code = re.search(r"```python\n(.*?)```", readme.split("<!-- posttraining")[1], re.S).group(1)
-  scope = {}
-  exec(compile(code, "README post-training", "exec"), scope)  # pylint: disable=exec-used
+  scope = run_block("posttraining")
   model, wanda = scope["model"], scope["wanda"]
   up = np.asarray(model.up.kernel.get_value())
   assert np.all((up != 0).reshape(8, 4, 128).sum(1) <= 2)  # 2:4 along the inputs
@@ -77,11 +79,7 @@ def test_post_training_section_runs():
 
 
 def test_activations_block_runs(capsys):
-  readme = (ROOT / "README.md").read_text()
-  code = re.search(r"```python\n(.*?)```", readme.split("<!-- activations")[1], re.S).group(1)
-  scope = {}
-  with jax.numpy_rank_promotion("allow"):  # user code broadcasts biases
-    exec(compile(code, "README activations", "exec"), scope)  # pylint: disable=exec-used
+  scope = run_block("activations", broadcasts=True)
   out = capsys.readouterr().out
   import sparsejax as sj  # pylint: disable=g-import-not-at-top
   reached = sj.activations.input_sparsity(scope["held_out"], scope["thresholds"])
@@ -100,10 +98,7 @@ def test_activations_block_runs(capsys):
 
 def test_attention_mods_section_runs(monkeypatch):
   """The packed-documents block runs, and its gradients equal the reference implementation's."""
-  readme = (ROOT / "README.md").read_text()
-  code = re.search(r"```python\n(.*?)```", readme.split("<!-- attentionmods")[1], re.S).group(1)
-  scope = {}
-  exec(compile(code, "README attention mods", "exec"), scope)  # pylint: disable=exec-used
+  scope = run_block("attentionmods")
   d_bias, d_sinks = scope["d_bias"], scope["d_sinks"]
   assert d_bias.shape == (4, 512) and d_sinks.shape == (4,)
   # Causal: only offsets i - j >= 0 get a gradient; every row holds several documents.
@@ -119,10 +114,7 @@ def test_attention_mods_section_runs(monkeypatch):
 
 
 def test_serving_block_runs(capsys):
-  readme = (ROOT / "README.md").read_text()
-  code = re.search(r"```python\n(.*?)```", readme.split("<!-- serving")[1], re.S).group(1)
-  scope = {}
-  exec(compile(code, "README serving", "exec"), scope)  # pylint: disable=exec-used
+  scope = run_block("serving")
   kept, recall = (float(x) for x in capsys.readouterr().out.split())
   assert 0 < kept < 0.2 and 0 < recall <= 1
   cache = scope["cache"]
@@ -130,12 +122,9 @@ def test_serving_block_runs(capsys):
 
 
 def test_finetune_block_runs(capsys):
-  readme = (ROOT / "README.md").read_text()
-  code = re.search(r"```python\n(.*?)```", readme.split("<!-- finetune")[1], re.S).group(1)
-  scope = {}
-  with jax.numpy_rank_promotion("allow"):  # user code broadcasts biases
-    exec(compile(code, "README finetune", "exec"), scope)  # pylint: disable=exec-used
-    loss, base, params = scope["loss"], scope["base"], scope["params"]
+  scope = run_block("finetune", broadcasts=True)
+  loss, base, params = scope["loss"], scope["base"], scope["params"]
+  with jax.numpy_rank_promotion("allow"):  # the block's loss broadcasts its bias
     assert float(loss(params)) < float(loss(base))
   ours, adam = (int(x) for x in capsys.readouterr().out.split())
   assert ours < adam / 10
