@@ -74,7 +74,7 @@ SIZES = {
         "decode": ["--kv_lens=1024", "--batches=1", "--heads=4", "--head_dim=32",
                    "--window=256", "--repeats=1"],
         "activation_sparsity": ["--ds=256", "--sparsities=0,50,90", "--repeats=1",
-                                "--calls=1"],
+                                "--calls=1", "--working_set_mb=0"],
     },
 }
 FULL_VS_DENSE, SPARSE_VS_FULL = 1.5, 1.15  # the GPU targets
