@@ -44,14 +44,19 @@ from sparsejax._src import pytree
 PyTree = Any
 
 
-def _thresholds(owner: str, calibration: Any, sparsity: Any,
-                rule: Callable[[calibration_lib.Layer, calibration_lib.LayerStats, Any],
-                               jax.Array]) -> PyTree:
+def _with_histograms(owner: str, calibration: Any) -> calibration_lib.Calibration:
   calibration = calibration_lib.check_calibration(owner, calibration)
-  calibration_lib.check_sparsity(sparsity)
   if not calibration.has_histogram:
     raise ValueError(f"{owner}: the calibration has no |x| histograms: calibrate with "
                      "sj.calibrate(model, batches, histogram=True)")
+  return calibration
+
+
+def _thresholds(owner: str, calibration: Any, sparsity: Any,
+                rule: Callable[[calibration_lib.Layer, calibration_lib.LayerStats, Any],
+                               jax.Array]) -> PyTree:
+  calibration = _with_histograms(owner, calibration)
+  calibration_lib.check_sparsity(sparsity)
   per_layer = calibration_lib.layer_sparsities(owner, sparsity, calibration.layers)
   found = {l.path: rule(l, calibration[l.path], jnp.float32(per_layer[l.path]))
            for l in calibration.layers}
@@ -182,7 +187,7 @@ def allocate(params: Any, calibration: Any, *, sparsity: float, step: float = 0.
   Starting from zero everywhere, each round raises by `step` the layer whose
   relative output error (estimated from the calibration's histograms and
   the kernel's row norms, for TEAL's per-layer threshold) grows least per
-  weight row skipped, until the mean over layers, weighted by kernel size,
+  weight read skipped, until the mean over layers, weighted by kernel size,
   reaches `sparsity`; the last layer raised gives back the excess. Layers
   whose inputs are mostly small (heavy-tailed, or near-zero channels) take
   more sparsity, those where every input matters take less. TEAL measures
@@ -204,10 +209,7 @@ def allocate(params: Any, calibration: Any, *, sparsity: float, step: float = 0.
     >>> thresholds = sj.activations.teal(calibration, sparsity=sparsities)
   """
   owner = "allocate"
-  calibration = calibration_lib.check_calibration(owner, calibration)
-  if not calibration.has_histogram:
-    raise ValueError(f"{owner}: the calibration has no |x| histograms: calibrate with "
-                     "sj.calibrate(model, batches, histogram=True)")
+  calibration = _with_histograms(owner, calibration)
   _checks.static_float("step", step)
   if not 0 < step <= 0.5:
     raise ValueError(f"step={step} must be in (0, 0.5]")
@@ -226,10 +228,12 @@ def allocate(params: Any, calibration: Any, *, sparsity: float, step: float = 0.
   level = np.zeros(len(layers), int)
   goal = sparsity * sizes.sum()
   reached = 0.0
-  while reached < goal - 1e-9:
+  while reached < goal:
     cost = [(e[k + 1] - e[k]) / size if k + 1 < len(levels) else np.inf
             for e, k, size in zip(errors, level, sizes)]
     i = int(np.argmin(cost))  # ties: the first layer
+    if cost[i] == np.inf:  # every layer at the top (sparsity == top, up to rounding)
+      break
     level[i] += 1
     reached += step * sizes[i]
   out = levels[level]
@@ -247,9 +251,7 @@ def input_sparsity(calibration: Any, thresholds: PyTree) -> dict[str, jax.Array]
   Returns:
     a dict from kernel path to the share, a float32 scalar.
   """
-  calibration = calibration_lib.check_calibration("input_sparsity", calibration)
-  if not calibration.has_histogram:
-    raise ValueError("input_sparsity: calibrate with histogram=True")
+  calibration = _with_histograms("input_sparsity", calibration)
   found = {pytree.path_str(p): t for p, t in pytree.flatten(thresholds)[0] if t is not None}
   out = {}
   for layer in calibration.layers:
