@@ -63,6 +63,7 @@ def hist_bins(magnitudes: jax.Array) -> jax.Array:
   return jnp.where(tiny, 0, jnp.clip(b, 1, HIST_BINS - 1)).astype(jnp.int32)
 
 
+@jax.jit
 def hist_quantile(counts: jax.Array, q: jax.Array) -> jax.Array:
   """The value below which a share `q` of a histogram's mass lies, per row of `counts`.
 
@@ -84,6 +85,7 @@ def hist_quantile(counts: jax.Array, q: jax.Array) -> jax.Array:
   return jnp.where(total > 0, value, 0.0)[..., 0]
 
 
+@jax.jit
 def hist_cdf(counts: jax.Array, value: jax.Array) -> jax.Array:
   """The share of a histogram's mass at or below `value`, per row (inverse of `hist_quantile`).
 

@@ -96,6 +96,7 @@ def chess(calibration: Any, *, sparsity: Any) -> PyTree:
   return _thresholds("chess", calibration, sparsity, rule)
 
 
+@jax.jit
 def _weighted_threshold(hist: jax.Array, scale: jax.Array, s: jax.Array) -> jax.Array:
   """Per-channel thresholds ``t / scale_j`` with ``t`` such that a share `s` of ``|x_j| scale_j`` is <= t."""
   scale = jnp.maximum(scale, 1e-30)
@@ -262,6 +263,12 @@ def input_sparsity(calibration: Any, thresholds: PyTree) -> dict[str, jax.Array]
     if t.shape != (layer.d_in,):
       raise ValueError(f"input_sparsity: thresholds at {layer.path} have shape {t.shape}; the "
                        f"layer has d_in = {layer.d_in}")
-    counts = hist.sum(-1)
-    out[layer.path] = jnp.sum(calibration_lib.hist_cdf(hist, t) * counts) / counts.sum()
+    out[layer.path] = _share_at_or_below(hist, t)
   return out
+
+
+@jax.jit
+def _share_at_or_below(hist: jax.Array, t: jax.Array) -> jax.Array:
+  """The share of a layer's input entries with ``|x_j| <= t_j``, from its histograms."""
+  counts = hist.sum(-1)
+  return jnp.sum(calibration_lib.hist_cdf(hist, t) * counts) / counts.sum()
