@@ -171,6 +171,43 @@ def _land_on_zero(keep: PyTree, updates: PyTree, params: PyTree) -> PyTree:
   return jax.tree.map(land, keep, updates, params, is_leaf=pytree.is_none)
 
 
+def uniform_cond(pred: jax.Array, true_fun: Callable[[Any], Any], false_fun: Callable[[Any], Any],
+                 operand: Any) -> Any:
+  """`lax.cond` that stays a branch under `jax.vmap` when every member takes the same one.
+
+  `jax.vmap` turns a `lax.cond` on a batched predicate into both branches
+  and a select, so an ensemble of models vmapped over one train step would
+  run its mask update at every step. Here, under `vmap`, the members'
+  predicates decide together: all True runs the batched `true_fun`, all
+  False the batched `false_fun`, and only a mix (members at different steps)
+  runs both and selects per member. The functions must take everything
+  they read through `operand` (no closed-over traced values); the result
+  is batched along axis 0.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def run(pred, operand):
+    return lax.cond(pred, true_fun, false_fun, operand)
+
+  @run.def_vmap
+  def rule(axis_size, in_batched, pred, operand):
+    pred_batched, operand_batched = in_batched
+    axes = jax.tree.map(lambda b: 0 if b else None, operand_batched)
+    batched_true = jax.vmap(true_fun, in_axes=(axes,), axis_size=axis_size)
+    batched_false = jax.vmap(false_fun, in_axes=(axes,), axis_size=axis_size)
+    if not pred_batched:
+      out = lax.cond(pred, batched_true, batched_false, operand)
+    else:
+      def mixed(operand):
+        pick = lambda a, b: jnp.where(pred.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+        return jax.tree.map(pick, batched_true(operand), batched_false(operand))
+      out = lax.cond(jnp.all(pred), batched_true,
+                     lambda o: lax.cond(jnp.any(pred), mixed, batched_false, o), operand)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return run(pred, operand)
+
+
 def sparsify(
     inner: optax.GradientTransformation,
     method: SparsityMethod,
@@ -188,7 +225,9 @@ def sparsify(
 
   1. if ``method.should_update(t + 1)``, the method computes the masks of
      step ``t + 1`` from this call's params and raw gradients (under
-     `lax.cond`, so state shapes never change);
+     `lax.cond`, so state shapes never change; under `jax.vmap` over an
+     ensemble the branch is taken once for all members when their step
+     counts agree, see `uniform_cond`; the update takes no gradient);
   2. the inner optimizer updates the entries active both before and after
      that change; the returned updates take every other entry to exactly
      zero: pruned weights, and weights grown at this step, which start
@@ -263,11 +302,10 @@ def sparsify(
                           is_leaf=pytree.is_none)
 
     def change(operand):
-      masks, method_state = operand
+      masks, method_state, params, updates, step = operand
       new_masks, new_state = method.update(
-          sharding.gathered(masks), method_state,
-          sharding.gathered(pytree.restrict(masks, params)),
-          sharding.gathered(pytree.restrict(masks, updates)), step)
+          sharding.gathered(masks), method_state, sharding.gathered(params),
+          sharding.gathered(updates), step)
       _check_method_masks(new_masks, masks, "update")
       # Both branches of the cond must agree in sharding too.
       new_masks = sharding.like(new_masks, masks)
@@ -275,14 +313,19 @@ def sparsify(
       keep = None if method.dense_params else active_both(masks, new_masks)
       return new_masks, sharding.like(new_state, method_state), keep
 
+    def hold(operand):
+      masks, method_state = operand[:2]
+      return masks, method_state, None if method.dense_params else masks
+
     # The cond comes first and returns the entries that train at this step
     # (active before and after the change) beside the new masks, so nothing
     # after it reads the old masks and the optimizer step stays one fused
-    # pass over the params.
-    masks, method_state, keep = lax.cond(
-        jnp.asarray(method.should_update(step), jnp.bool_), change,
-        lambda operand: (*operand, None if method.dense_params else operand[0]),
-        (old, state.method_state))
+    # pass over the params. A mask update selects entries: no gradient
+    # flows through it.
+    operand = lax.stop_gradient((old, state.method_state, pytree.restrict(old, params),
+                                 pytree.restrict(old, updates), step))
+    masks, method_state, keep = uniform_cond(
+        jnp.asarray(method.should_update(step), jnp.bool_), change, hold, operand)
 
     if method.dense_params:
       # Straight-through training: every weight trains with this step's masks;
