@@ -666,6 +666,19 @@ def as_params(params: Any) -> Any:
   return params
 
 
+def kernel_matrices(owner: str, params: Any, calibration: Calibration) -> dict[str, jax.Array]:
+  """Each calibrated layer's kernel in `params` (or a Module) as a float32 [d_in, d_out] matrix, by path."""
+  found = {pytree.path_str(p): pytree.unwrap(v) for p, v in pytree.flatten(as_params(params))[0]}
+  out = {}
+  for layer in calibration.layers:
+    kernel = found.get(layer.path)
+    if kernel is None or tuple(jnp.shape(kernel)) != layer.kernel_shape:
+      raise ValueError(f"{owner}: params has no kernel of shape {layer.kernel_shape} at "
+                       f"{layer.path}; give the params (or model) that was calibrated")
+    out[layer.path] = layer.to_matrix(jnp.asarray(kernel, jnp.float32))
+  return out
+
+
 def check_calibration(owner: str, calibration: Any) -> Calibration:
   if not isinstance(calibration, Calibration):
     raise ValueError(f"{owner}: calibration must be what sj.calibrate returned, got "

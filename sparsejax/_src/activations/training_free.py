@@ -140,25 +140,11 @@ def wina(params: Any, calibration: Any, *, sparsity: Any) -> PyTree:
     thresholds: float32 [d_in] at every calibrated kernel.
   """
   calibration = calibration_lib.check_calibration("wina", calibration)
-  kernels = _kernels("wina", params, calibration)
+  kernels = calibration_lib.kernel_matrices("wina", params, calibration)
 
   def rule(layer, stats, s):
     return _weighted_threshold(stats.abs_hist, jnp.linalg.norm(kernels[layer.path], axis=1), s)
   return _thresholds("wina", calibration, sparsity, rule)
-
-
-def _kernels(owner: str, params: Any, calibration: Any) -> dict[str, jax.Array]:
-  """Each calibrated layer's kernel as a float32 [d_in, d_out] matrix, by path."""
-  found = {pytree.path_str(p): pytree.unwrap(v)
-           for p, v in pytree.flatten(calibration_lib.as_params(params))[0]}
-  out = {}
-  for layer in calibration.layers:
-    kernel = found.get(layer.path)
-    if kernel is None or tuple(jnp.shape(kernel)) != layer.kernel_shape:
-      raise ValueError(f"{owner}: params has no kernel of shape {layer.kernel_shape} at "
-                       f"{layer.path}; give the params (or model) that was calibrated")
-    out[layer.path] = layer.to_matrix(jnp.asarray(kernel, jnp.float32))
-  return out
 
 
 def _relative_errors(hist: np.ndarray, row_norms: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -220,7 +206,7 @@ def allocate(params: Any, calibration: Any, *, sparsity: float, step: float = 0.
   if sparsity > top + 1e-12:
     raise ValueError(f"sparsity={sparsity} must be at most {top:g}, the highest multiple of "
                      f"step={step} below 1")
-  kernels = _kernels(owner, params, calibration)
+  kernels = calibration_lib.kernel_matrices(owner, params, calibration)
   layers = calibration.layers
   errors = [_relative_errors(np.asarray(calibration[l.path].abs_hist, np.float64),
                              np.linalg.norm(np.asarray(kernels[l.path], np.float64), axis=1),

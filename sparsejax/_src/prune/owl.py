@@ -82,14 +82,11 @@ def owl(
     _checks.static_float(name, value)
     if not value >= 0:
       raise ValueError(f"{name}={value} must be >= 0")
-  params = calibration_lib.as_params(params)
-  leaves, treedef = pytree.flatten(params)
-  values = {pytree.path_str(p): pytree.unwrap(v) for p, v in leaves}
+  leaves, treedef = pytree.flatten(calibration_lib.as_params(params))
+  kernels = calibration_lib.kernel_matrices(owner, params, calibration)
   ratios, sizes = [], []
   for layer in calibration.layers:
-    if layer.path not in values:
-      raise ValueError(f"{owner}: calibrated layer {layer.path} is not a leaf of params")
-    w = layer.to_matrix(jnp.asarray(values[layer.path], jnp.float32))
+    w = kernels[layer.path]
     ratios.append(float(_outlier_ratio(w, calibration[layer.path].norms(), threshold)))
     sizes.append(layer.d_in * layer.d_out)
   out = _balanced(np.array(ratios), np.array(sizes, np.float64), float(sparsity), float(band))
